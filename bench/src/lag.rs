@@ -1,0 +1,164 @@
+//! The lag scenario: how far projections trail the log under a steady command load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+
+use api_common::auth::{Role, TokenKeys};
+use orderline::{Application, Parts};
+
+use crate::round;
+
+const PRODUCTS: usize = 100;
+
+/// One sample of one projection.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    events: i64,
+    seconds: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Runs the server here, sends `rate` commands a second for `duration`, samples lag.
+pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result<Vec<Value>> {
+    let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
+    let app = Application::new(
+        ([127, 0, 0, 1], 0).into(),
+        pool.clone(),
+        keys.clone(),
+        Parts::ALL,
+    )
+    .await?;
+    let base = format!("http://{}", app.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        stopped.await.ok();
+    }));
+    let client = reqwest::Client::new();
+    let admin = keys.mint("bench", Role::Admin, Duration::from_secs(3600))?;
+    let customer = keys.mint("bench-customer", Role::Customer, Duration::from_secs(3600))?;
+    for i in 0..PRODUCTS {
+        let body = json!({"sku": format!("P{i}"), "name": "P", "price": {"amount_minor": 100, "currency": "EUR"}, "initial_stock": 1_000_000});
+        client
+            .post(format!("{base}/api/v1/products"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await?;
+    }
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (done_tx, mut done_rx) = oneshot::channel::<()>();
+    let load = {
+        let (client, base, ok, failed) = (client.clone(), base.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+            let started = Instant::now();
+            let mut n = 0u64;
+            let mut in_flight = tokio::task::JoinSet::new();
+            while started.elapsed() < duration {
+                tick.tick().await;
+                n += 1;
+                let sku = format!("P{}", n % PRODUCTS as u64);
+                let request = if n % 10 < 7 {
+                    client
+                        .post(format!("{base}/api/v1/orders"))
+                        .bearer_auth(&customer)
+                        .json(&json!({"lines": [{"sku": sku, "quantity": 1}], "payment": {"token": "tok_visa"}}))
+                } else {
+                    client
+                        .post(format!("{base}/api/v1/inventory/{sku}/restock"))
+                        .bearer_auth(&admin)
+                        .json(&json!({"quantity": 1}))
+                };
+                let (ok, failed) = (ok.clone(), failed.clone());
+                in_flight.spawn(async move {
+                    match request.send().await {
+                        Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                });
+            }
+            while in_flight.join_next().await.is_some() {}
+            done_tx.send(()).ok();
+        })
+    };
+
+    let mut samples: std::collections::BTreeMap<String, Vec<Sample>> = Default::default();
+    let drained = loop {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+            "SELECT c.consumer,
+                    (SELECT count(*) FROM events e
+                      WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)),
+                    coalesce(extract(epoch FROM clock_timestamp() - (
+                        SELECT e.recorded_at FROM events e
+                         WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
+                         ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0)
+               FROM checkpoints c",
+        )
+        .fetch_all(pool)
+        .await?;
+        let load_finished = matches!(
+            done_rx.try_recv(),
+            Ok(()) | Err(oneshot::error::TryRecvError::Closed)
+        );
+        for (name, events, seconds) in &rows {
+            samples.entry(name.clone()).or_default().push(Sample {
+                events: *events,
+                seconds: *seconds,
+            });
+        }
+        if load_finished {
+            let drain_started = Instant::now();
+            let drained = loop {
+                let behind: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM checkpoints c WHERE EXISTS (SELECT 1 FROM events e
+                      WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position))",
+                )
+                .fetch_one(pool)
+                .await?;
+                if behind == 0 {
+                    break drain_started.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            break drained;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    load.await?;
+    stop.send(()).ok();
+    server.await??;
+
+    let sent = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
+    Ok(samples
+        .into_iter()
+        .map(|(projection, samples)| {
+            let mut ms: Vec<f64> = samples.iter().map(|s| s.seconds * 1000.0).collect();
+            ms.sort_by(f64::total_cmp);
+            let mut events: Vec<f64> = samples.iter().map(|s| s.events as f64).collect();
+            events.sort_by(f64::total_cmp);
+            json!({
+                "scenario": "lag", "projection": projection, "rate_per_second": rate,
+                "seconds": duration.as_secs(), "commands": sent,
+                "commands_failed": failed.load(Ordering::Relaxed),
+                "lag_ms_p50": round(percentile(&ms, 0.5)), "lag_ms_p99": round(percentile(&ms, 0.99)),
+                "lag_ms_max": round(ms.last().copied().unwrap_or(0.0)),
+                "lag_events_p50": percentile(&events, 0.5), "lag_events_max": events.last().copied().unwrap_or(0.0),
+                "drain_ms_after_load": round(drained.as_secs_f64() * 1000.0),
+            })
+        })
+        .collect())
+}

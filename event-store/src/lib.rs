@@ -1,0 +1,376 @@
+//! The orderline event store on Postgres.
+//!
+//! - Loading goes through postgres-es's [`PostgresEventRepository`] (snapshot plus the events
+//!   after it), so the table layout stays the one postgres-es knows.
+//! - Appending is ours ([`EventStore::append`]): it runs inside a transaction the caller owns, so
+//!   the idempotency record of an HTTP command and the aggregate's snapshot commit atomically with
+//!   the events, and it returns the global position the API answers with. postgres-es's own
+//!   `persist` commits a transaction of its own and returns nothing; see
+//!   `docs/adr/0001-event-store-writes.md`.
+//! - Optimistic concurrency: events carry the next sequence numbers after the version that was
+//!   loaded; a concurrent writer that got there first makes the primary key refuse the insert,
+//!   which surfaces as [`StoreError::Conflict`].
+
+pub mod idempotency;
+pub mod log;
+pub mod subscription;
+
+use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
+use cqrs_es::{Aggregate, DomainEvent};
+use postgres_es::PostgresEventRepository;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use aggregates::inventory::Product;
+use aggregates::order::Order;
+use aggregates::payment::Payment;
+
+/// The schema migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer appended to the same aggregate after it was loaded. Reload and decide
+    /// again; the command API does so a bounded number of times, then answers 409.
+    #[error("the aggregate was changed concurrently")]
+    Conflict,
+    /// A stored event or snapshot does not deserialize into the current types. The log needs an
+    /// upcaster or was edited by hand; nothing can be decided on this aggregate until fixed.
+    #[error("stored {what} of {aggregate_type}/{aggregate_id} does not deserialize: {source}")]
+    Corrupt {
+        /// `event` or `snapshot`.
+        what: &'static str,
+        /// The aggregate type.
+        aggregate_type: &'static str,
+        /// The aggregate id.
+        aggregate_id: String,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+    /// Postgres failed or could not be reached: a server-side error (HTTP 500), safe to retry.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The postgres-es repository failed while loading: as [`StoreError::Database`].
+    #[error("event repository error: {0}")]
+    Repository(#[from] PersistenceError),
+}
+
+/// Who caused an event and within which flow. Stored as a flat JSON object of strings on every
+/// event (the shape cqrs-es gives `EventEnvelope::metadata`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Groups every event of one business flow (one HTTP request, later one order's saga).
+    pub correlation_id: Uuid,
+    /// The command or event that directly led to this event.
+    pub causation_id: Uuid,
+    /// The token `sub` of the actor.
+    pub actor_sub: String,
+    /// The token role of the actor.
+    pub actor_role: String,
+    /// The HTTP request id (`X-Request-Id`), for finding the request in the logs.
+    pub request_id: String,
+}
+
+/// How an aggregate is stored: whether and how often it is snapshotted.
+pub trait StoredAggregate: Aggregate + Clone {
+    /// Write a snapshot once this many events were appended since the last one; `None` never
+    /// snapshots (the aggregate is short-lived and loads from its events).
+    const SNAPSHOT_EVERY: Option<usize>;
+}
+
+impl StoredAggregate for Product {
+    // Inventory aggregates are hot (every order reserves on them) and grow without bound.
+    const SNAPSHOT_EVERY: Option<usize> = Some(20);
+}
+
+impl StoredAggregate for Order {
+    const SNAPSHOT_EVERY: Option<usize> = None;
+}
+
+impl StoredAggregate for Payment {
+    const SNAPSHOT_EVERY: Option<usize> = None;
+}
+
+/// An aggregate as loaded, with what [`EventStore::append`] needs to append after it.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    /// The state after every stored event.
+    pub aggregate: A,
+    /// The sequence number of the last stored event (0 for a new aggregate).
+    pub version: usize,
+    snapshot_version: usize,
+}
+
+impl<A> Loaded<A> {
+    /// Whether the aggregate has no events yet.
+    pub fn is_new(&self) -> bool {
+        self.version == 0
+    }
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Global position of the last event written.
+    pub position: i64,
+    /// The aggregate's new version.
+    pub version: usize,
+}
+
+/// The event store. Cheap to clone: it shares one connection pool.
+#[derive(Clone)]
+pub struct EventStore {
+    pool: PgPool,
+    repository: std::sync::Arc<PostgresEventRepository>,
+}
+
+const INSERT_EVENTS: &str = "
+WITH inserted AS (
+    INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                        payload, metadata, event_id)
+    SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload, $3, e.event_id
+      FROM unnest($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::uuid[])
+           AS e(sequence, event_type, event_version, payload, event_id)
+    RETURNING position)
+SELECT max(position) FROM inserted";
+
+const UPSERT_SNAPSHOT: &str = "
+INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+VALUES ($1, $2, $3, 1, $4)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+   SET last_sequence = EXCLUDED.last_sequence,
+       current_snapshot = snapshots.current_snapshot + 1,
+       payload = EXCLUDED.payload
+ WHERE snapshots.last_sequence < EXCLUDED.last_sequence";
+
+const STREAM_POSITION: &str = "
+SELECT max(position) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2";
+
+impl EventStore {
+    /// Wraps a pool whose database has been migrated with [`MIGRATOR`].
+    pub fn new(pool: PgPool) -> Self {
+        let repository = std::sync::Arc::new(PostgresEventRepository::new(pool.clone()));
+        Self { pool, repository }
+    }
+
+    /// The connection pool, for transactions that span the store and other tables.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Loads an aggregate: its snapshot, if any, then the events after it.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`]/[`StoreError::Repository`] if Postgres fails;
+    /// [`StoreError::Corrupt`] if a stored event or snapshot does not deserialize.
+    pub async fn load<A: StoredAggregate>(&self, id: &str) -> Result<Loaded<A>, StoreError> {
+        let corrupt = |what, source| StoreError::Corrupt {
+            what,
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_owned(),
+            source,
+        };
+        let snapshot = match A::SNAPSHOT_EVERY {
+            Some(_) => self.repository.get_snapshot::<A>(id).await?,
+            None => None,
+        };
+        let (mut aggregate, snapshot_version, events) = match snapshot {
+            Some(s) => (
+                serde_json::from_value::<A>(s.aggregate).map_err(|e| corrupt("snapshot", e))?,
+                s.current_sequence,
+                self.repository
+                    .get_last_events::<A>(id, s.current_sequence)
+                    .await?,
+            ),
+            None => (A::default(), 0, self.repository.get_events::<A>(id).await?),
+        };
+        let mut version = snapshot_version;
+        for SerializedEvent {
+            sequence, payload, ..
+        } in events
+        {
+            let event: A::Event =
+                serde_json::from_value(payload).map_err(|e| corrupt("event", e))?;
+            aggregate.apply(event);
+            version = sequence;
+        }
+        Ok(Loaded {
+            aggregate,
+            version,
+            snapshot_version,
+        })
+    }
+
+    /// Appends `events` after `loaded.version` inside the caller's transaction, and snapshots
+    /// `after` (the state with the events applied) when the aggregate's policy says so.
+    /// Returns the global position of the last event; `events` must not be empty.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when another writer appended after `loaded` was read (the
+    /// transaction is then aborted and must be rolled back); [`StoreError::Database`] otherwise.
+    pub async fn append<A: StoredAggregate>(
+        conn: &mut PgConnection,
+        id: &str,
+        loaded: &Loaded<A>,
+        after: &A,
+        events: &[A::Event],
+        metadata: &Metadata,
+    ) -> Result<Appended, StoreError> {
+        let n = events.len();
+        let sequences: Vec<i64> = (1..=n)
+            .map(|i| i64::try_from(loaded.version + i).unwrap_or(i64::MAX))
+            .collect();
+        let types: Vec<String> = events.iter().map(DomainEvent::event_type).collect();
+        let versions: Vec<String> = events.iter().map(DomainEvent::event_version).collect();
+        let payloads = events
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<Value>, _>>()
+            .map_err(|source| StoreError::Corrupt {
+                what: "event",
+                aggregate_type: A::TYPE,
+                aggregate_id: id.to_owned(),
+                source,
+            })?;
+        let event_ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let metadata = sqlx::types::Json(metadata);
+        let position: Option<i64> = sqlx::query_scalar(INSERT_EVENTS)
+            .bind(A::TYPE)
+            .bind(id)
+            .bind(metadata)
+            .bind(&sequences)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&event_ids)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(conflict_or_database)?;
+        let version = loaded.version + n;
+        if let Some(every) = A::SNAPSHOT_EVERY {
+            if version - loaded.snapshot_version >= every {
+                sqlx::query(UPSERT_SNAPSHOT)
+                    .bind(A::TYPE)
+                    .bind(id)
+                    .bind(i64::try_from(version).unwrap_or(i64::MAX))
+                    .bind(sqlx::types::Json(after))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
+        Ok(Appended {
+            position: position.unwrap_or_default(),
+            version,
+        })
+    }
+
+    /// Takes the transaction-scoped write lock on one aggregate, then applies to `loaded` the
+    /// events other writers committed since it was read, on the same connection.
+    ///
+    /// Every orderline writer calls this before it decides, so writers in different processes
+    /// take turns instead of racing: after this returns, nobody else appends to the aggregate
+    /// until the caller's transaction ends, and `loaded` is current. Loading stays outside the
+    /// transaction (ADR 1: a request never holds two pooled connections); only the few events
+    /// that won the race are read here. The lock is released at commit or rollback.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if Postgres fails; [`StoreError::Corrupt`] if a newer event
+    /// does not deserialize.
+    pub async fn lock_and_catch_up<A: StoredAggregate>(
+        conn: &mut PgConnection,
+        id: &str,
+        loaded: &mut Loaded<A>,
+    ) -> Result<(), StoreError> {
+        // Class 8104 keeps these apart from the other advisory locks (see ADR 5); a hash
+        // collision between two aggregates only makes them take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock(8104, hashtext($1 || ':' || $2))")
+            .bind(A::TYPE)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        let newer: Vec<(i64, Value)> = sqlx::query_as(
+            "SELECT sequence, payload FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+              ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(i64::try_from(loaded.version).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await?;
+        for (sequence, payload) in newer {
+            let event: A::Event =
+                serde_json::from_value(payload).map_err(|source| StoreError::Corrupt {
+                    what: "event",
+                    aggregate_type: A::TYPE,
+                    aggregate_id: id.to_owned(),
+                    source,
+                })?;
+            loaded.aggregate.apply(event);
+            loaded.version = usize::try_from(sequence).unwrap_or(usize::MAX);
+        }
+        Ok(())
+    }
+
+    /// The global position of the newest event of one aggregate, 0 if it has none. Commands that
+    /// change nothing (a repeated cancel) answer with it.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if Postgres fails.
+    pub async fn stream_position<A: Aggregate>(
+        conn: &mut PgConnection,
+        id: &str,
+    ) -> Result<i64, StoreError> {
+        let position: Option<i64> = sqlx::query_scalar(STREAM_POSITION)
+            .bind(A::TYPE)
+            .bind(id)
+            .fetch_one(conn)
+            .await?;
+        Ok(position.unwrap_or(0))
+    }
+}
+
+/// A duplicate `(aggregate_type, aggregate_id, sequence)` means someone appended first.
+fn conflict_or_database(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) if db.constraint() == Some("events_pkey") => StoreError::Conflict,
+        _ => StoreError::Database(error),
+    }
+}
+
+/// Opens a pool to `url`.
+///
+/// # Errors
+/// [`StoreError::Database`] if the URL is invalid or the server cannot be reached.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Whether every migration this binary knows has been applied to the database.
+///
+/// # Errors
+/// [`StoreError::Database`] if Postgres fails.
+pub async fn migrations_applied(pool: &PgPool) -> Result<bool, StoreError> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .or_else(|e| match &e {
+                // The bookkeeping table does not exist before the first migration.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+                _ => Err(e),
+            })?;
+    Ok(applied.unwrap_or(0) >= latest)
+}

@@ -1,0 +1,244 @@
+//! The global log: every event of every aggregate, in an order that never skips an event.
+//!
+//! Readers page through the events table by the composite cursor `(transaction_id, position)`
+//! and only read rows whose writing transaction is older than the oldest transaction still
+//! running (`pg_snapshot_xmin(pg_current_snapshot())`). Every such row is final: committed, or
+//! gone with its aborted transaction. A transaction that stays open therefore stalls readers
+//! until it ends, and never makes them skip its events. See `docs/adr/0002-global-log-order.md`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, Row};
+use uuid::Uuid;
+
+/// The channel `NOTIFY`ed when events commit (by the `events_notify` trigger).
+pub const NOTIFY_CHANNEL: &str = "orderline_events";
+
+/// A place in the global log: just after the event with this transaction id and position.
+/// `Cursor::default()` is the start of the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cursor {
+    /// The event's `transaction_id` (an `xid8`, which fits in an `i64` in practice).
+    pub transaction_id: i64,
+    /// The event's `position`.
+    pub position: i64,
+}
+
+impl fmt::Display for Cursor {
+    /// `TRANSACTION-POSITION`, the form the admin API pages with.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.transaction_id, self.position)
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a log cursor (TRANSACTION-POSITION)");
+        let (tx, position) = s.split_once('-').ok_or_else(bad)?;
+        let cursor = Self {
+            transaction_id: tx.parse().map_err(|_| bad())?,
+            position: position.parse().map_err(|_| bad())?,
+        };
+        if cursor.transaction_id < 0 || cursor.position < 0 {
+            return Err(bad());
+        }
+        Ok(cursor)
+    }
+}
+
+/// One event as the global log gives it. Payload and metadata stay raw JSON text: consumers
+/// decode the payload straight into their event type, and APIs pass both on verbatim, so no
+/// intermediate JSON tree is built on the hot path.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogEvent {
+    /// Global position (unique; allocation order).
+    pub position: i64,
+    /// Writing transaction.
+    pub transaction_id: i64,
+    /// Unique event id.
+    pub event_id: Uuid,
+    /// `inventory`, `order` or `payment`.
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// 1-based sequence in the aggregate's stream.
+    pub sequence: i64,
+    /// e.g. `OrderPlaced`.
+    pub event_type: String,
+    /// Schema version of the payload.
+    pub event_version: String,
+    /// When it was recorded (the writing transaction's start).
+    pub recorded_at: DateTime<Utc>,
+    /// Who and why (see [`crate::Metadata`]).
+    pub metadata: Box<RawValue>,
+    /// The event itself, as the aggregate's event enum serializes it.
+    pub payload: Box<RawValue>,
+}
+
+impl FromRow<'_, PgRow> for LogEvent {
+    /// Reads a row of the `SELECT` in [`read_page`] (payload and metadata as text).
+    fn from_row(row: &PgRow) -> sqlx::Result<Self> {
+        let raw = |column: &str| -> sqlx::Result<Box<RawValue>> {
+            RawValue::from_string(row.try_get(column)?).map_err(|e| sqlx::Error::ColumnDecode {
+                index: column.to_owned(),
+                source: Box::new(e),
+            })
+        };
+        Ok(Self {
+            position: row.try_get("position")?,
+            transaction_id: row.try_get("transaction_id")?,
+            event_id: row.try_get("event_id")?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            recorded_at: row.try_get("recorded_at")?,
+            metadata: raw("metadata")?,
+            payload: raw("payload")?,
+        })
+    }
+}
+
+/// The columns of a [`LogEvent`], for `SELECT`s that read events (`FROM events`).
+pub const LOG_EVENT_COLUMNS: &str =
+    "events.position, events.transaction_id::text::bigint AS transaction_id,
+       events.event_id, events.aggregate_type, events.aggregate_id, events.sequence,
+       events.event_type, events.event_version, events.recorded_at,
+       events.metadata::text AS metadata, events.payload::text AS payload";
+
+impl LogEvent {
+    /// The cursor just after this event.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            transaction_id: self.transaction_id,
+            position: self.position,
+        }
+    }
+
+    /// Deserializes the payload into an aggregate's event type.
+    ///
+    /// # Errors
+    /// The serde error when the payload does not match `E`.
+    pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
+        serde_json::from_str(self.payload.get())
+    }
+}
+
+// ORDER BY names the table's columns: unqualified, `transaction_id` would mean the output
+// column (the bigint cast), which no index serves, and every page would sort the whole table.
+fn read_page_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "SELECT {LOG_EVENT_COLUMNS}
+               FROM events
+              WHERE (events.transaction_id, events.position) > ($1::text::xid8, $2)
+                AND events.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY events.transaction_id, events.position
+              LIMIT $3"
+        )
+    })
+}
+
+/// Reads up to `limit` events after `after`, in log order, stopping below the oldest running
+/// transaction. Run it before the calling transaction writes anything: a transaction with its
+/// own transaction id would hold back its own reads.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn read_page(
+    conn: &mut PgConnection,
+    after: Cursor,
+    limit: i64,
+) -> sqlx::Result<Vec<LogEvent>> {
+    sqlx::query_as(read_page_sql())
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
+}
+
+/// Whether any event, readable yet or not, lies after `cursor`. When [`read_page`] comes back
+/// empty this tells "nothing new" from "held back by an open transaction".
+///
+/// # Errors
+/// The database error, if any.
+pub async fn has_events_after(conn: &mut PgConnection, cursor: Cursor) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
+    )
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .fetch_one(conn)
+    .await
+}
+
+/// The highest position allocated so far (0 for an empty log): the head that lag is measured
+/// against.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn head_position(conn: &mut PgConnection) -> sqlx::Result<i64> {
+    let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(conn)
+        .await?;
+    Ok(head.unwrap_or(0))
+}
+
+/// Whether the event at `position` is at or before `cursor` in log order, i.e. a consumer at
+/// `cursor` has applied it. `false` for a position that does not exist (yet).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn is_applied(
+    conn: &mut PgConnection,
+    position: i64,
+    cursor: Cursor,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE position = $1
+                          AND (transaction_id, position) <= ($2::text::xid8, $3))",
+    )
+    .bind(position)
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .fetch_one(conn)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips_through_text() {
+        let cursor = Cursor {
+            transaction_id: 812,
+            position: 40,
+        };
+        assert_eq!(cursor.to_string().parse::<Cursor>(), Ok(cursor));
+        assert!("12".parse::<Cursor>().is_err());
+        assert!("a-1".parse::<Cursor>().is_err());
+    }
+
+    #[test]
+    fn cursors_order_by_transaction_then_position() {
+        let a = Cursor {
+            transaction_id: 1,
+            position: 9,
+        };
+        let b = Cursor {
+            transaction_id: 2,
+            position: 3,
+        };
+        assert!(a < b);
+    }
+}

@@ -1,0 +1,173 @@
+//! The `orderline` server: wires the crates into one HTTP application.
+//!
+//! [`app`] builds the router (command and query routes, health, problem+json fallbacks) and
+//! [`Application`] runs the parts of the server: the HTTP API on a port and the projections
+//! following the log. The binary (`main.rs`) adds settings, the private Postgres cluster,
+//! migrations and signal handling. Tests use [`Application`] on port 0.
+
+pub mod local_postgres;
+pub mod settings;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use sqlx::PgPool;
+
+use api_common::auth::TokenKeys;
+use api_common::error::ApiError;
+use api_common::ids;
+use command_api::CommandState;
+use event_store::subscription::{RunnerConfig, Subscriptions};
+use event_store::EventStore;
+use query_api::QueryState;
+
+/// The whole HTTP API over one database.
+pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
+    let commands = command_api::router(CommandState {
+        store: EventStore::new(pool.clone()),
+        keys: keys.clone(),
+        locks: Default::default(),
+    });
+    let queries = query_api::router(QueryState {
+        pool: pool.clone(),
+        keys,
+    });
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .with_state(pool)
+        .merge(commands)
+        .merge(queries)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(ids::assign_ids))
+}
+
+/// `GET /health/live`: the process is up.
+async fn live() -> impl IntoResponse {
+    Json(json!({ "status": "up" }))
+}
+
+/// `GET /health/ready`: the database answers and every migration is applied.
+async fn ready(State(pool): State<PgPool>) -> Result<impl IntoResponse, ApiError> {
+    match event_store::migrations_applied(&pool).await {
+        Ok(true) => Ok((StatusCode::OK, Json(json!({ "status": "ready" })))),
+        Ok(false) => Err(ApiError::Unavailable("migrations are pending".into())),
+        Err(e) => Err(ApiError::Unavailable(format!("database unreachable: {e}"))),
+    }
+}
+
+/// Which parts of the server a process runs. Several processes may share one database: each
+/// projection is applied by exactly one of them at a time (see `event_store::subscription`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    /// Serve the HTTP API.
+    pub api: bool,
+    /// Follow the log with the projections.
+    pub projections: bool,
+}
+
+impl Parts {
+    /// Everything.
+    pub const ALL: Self = Self {
+        api: true,
+        projections: true,
+    };
+}
+
+/// The server's parts, ready to run.
+pub struct Application {
+    listener: Option<tokio::net::TcpListener>,
+    router: Router,
+    pool: PgPool,
+    parts: Parts,
+    runner: RunnerConfig,
+}
+
+impl Application {
+    /// Binds `addr` (port 0 picks a free port) for a server running every part.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn bind(addr: SocketAddr, pool: PgPool, keys: TokenKeys) -> std::io::Result<Self> {
+        Self::new(addr, pool, keys, Parts::ALL).await
+    }
+
+    /// Prepares the given parts; binds `addr` only if the API is one of them.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn new(
+        addr: SocketAddr,
+        pool: PgPool,
+        keys: TokenKeys,
+        parts: Parts,
+    ) -> std::io::Result<Self> {
+        let listener = match parts.api {
+            true => Some(tokio::net::TcpListener::bind(addr).await?),
+            false => None,
+        };
+        Ok(Self {
+            listener,
+            router: app(pool.clone(), keys),
+            pool,
+            parts,
+            runner: RunnerConfig::default(),
+        })
+    }
+
+    /// Uses `config` for the projection runners instead of the defaults.
+    #[must_use]
+    pub fn with_runner_config(mut self, config: RunnerConfig) -> Self {
+        self.runner = config;
+        self
+    }
+
+    /// The address the API is bound to.
+    ///
+    /// # Errors
+    /// When this process does not run the API.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match &self.listener {
+            Some(listener) => listener.local_addr(),
+            None => Err(std::io::Error::other("this process does not serve the API")),
+        }
+    }
+
+    /// Runs until `shutdown` completes. The API then stops accepting and lets in-flight
+    /// requests finish (a command that was answered has committed); the projections finish
+    /// their current page.
+    ///
+    /// # Errors
+    /// When the listener fails.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let subscriptions = self
+            .parts
+            .projections
+            .then(|| Subscriptions::spawn(&self.pool, projections::consumers(), &self.runner));
+        let served = match self.listener {
+            Some(listener) => {
+                axum::serve(listener, self.router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            None => {
+                shutdown.await;
+                Ok(())
+            }
+        };
+        if let Some(subscriptions) = subscriptions {
+            subscriptions.shutdown().await;
+        }
+        served
+    }
+}

@@ -1,0 +1,281 @@
+//! `orderline`: serve the API, apply migrations, or mint a token.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use api_common::auth::{Role, TokenKeys};
+use indicatif::{ProgressBar, ProgressStyle};
+use orderline::local_postgres::{self, LocalPostgres};
+use orderline::settings::{Database, Settings};
+use orderline::{Application, Parts};
+use projections::rebuild::{self, RebuildLock};
+
+/// orderline: an event-sourced order engine.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply pending migrations, then run the HTTP API until SIGTERM or Ctrl-C.
+    Serve {
+        /// Run only this part (several processes may share one database).
+        #[arg(long, value_enum)]
+        only: Option<Part>,
+    },
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Rebuild read models from the start of the log; the live ones keep serving until the
+    /// rebuilt ones take their place.
+    Replay {
+        /// The projection to rebuild: orders, inventory or payments.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Rebuild every projection, one after the other.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print a token signed with the configured secret (ORDERLINE_JWT_SECRET).
+    Token {
+        /// The subject: a customer id, an admin's or a service's name.
+        #[arg(long)]
+        sub: String,
+        /// customer, admin or service.
+        #[arg(long)]
+        role: Role,
+        /// Lifetime such as 30m, 1h or 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+    },
+}
+
+/// Parts of the server that can run alone.
+#[derive(Clone, Copy, ValueEnum)]
+enum Part {
+    /// The HTTP API.
+    Api,
+    /// The projections following the log (no HTTP listener).
+    Projections,
+}
+
+impl Part {
+    fn parts(only: Option<Part>) -> Parts {
+        match only {
+            None => Parts::ALL,
+            Some(Part::Api) => Parts {
+                api: true,
+                projections: false,
+            },
+            Some(Part::Projections) => Parts {
+                api: false,
+                projections: true,
+            },
+        }
+    }
+}
+
+fn parse_ttl(raw: &str) -> Result<Duration, String> {
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?}: expected a number and a unit, e.g. 1h"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{raw:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(seconds)))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let settings = Settings::from_env().context("invalid configuration")?;
+    match cli.command {
+        Cmd::Token { sub, role, ttl } => {
+            let keys = TokenKeys::hs256(settings.jwt_secret.expose().as_bytes());
+            let token = keys.mint(&sub, role, ttl)?;
+            #[expect(clippy::print_stdout, reason = "the token is the command's output")]
+            {
+                println!("{token}");
+            }
+            Ok(())
+        }
+        Cmd::Migrate => {
+            let (pool, local) = open_database(&settings).await?;
+            event_store::MIGRATOR
+                .run(&pool)
+                .await
+                .context("migration failed")?;
+            tracing::info!("migrations applied");
+            pool.close().await;
+            if let Some(local) = local {
+                local.stop().await;
+            }
+            Ok(())
+        }
+        Cmd::Serve { only } => serve(settings, Part::parts(only)).await,
+        Cmd::Replay { name, all } => {
+            let chosen = match (name, all) {
+                (_, true) => projections::all(),
+                (Some(name), false) => vec![projections::by_name(&name).with_context(|| {
+                    format!("no projection named {name:?}; use orders, inventory or payments")
+                })?],
+                (None, false) => unreachable!("clap requires a name or --all"),
+            };
+            let (pool, local) = open_database(&settings).await?;
+            event_store::MIGRATOR
+                .run(&pool)
+                .await
+                .context("migration failed")?;
+            let result = replay(&pool, chosen).await;
+            pool.close().await;
+            if let Some(local) = local {
+                local.stop().await;
+            }
+            result
+        }
+    }
+}
+
+/// Rebuilds each projection in turn with a progress bar.
+async fn replay(
+    pool: &sqlx::PgPool,
+    chosen: Vec<std::sync::Arc<dyn projections::Projection>>,
+) -> anyhow::Result<()> {
+    for projection in chosen {
+        let name = projection.name();
+        let lock = RebuildLock::acquire(pool, projection.as_ref()).await?;
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+            )?
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(name);
+        let done = rebuild::rebuild(pool, projection.as_ref(), lock, &|events, head| {
+            bar.set_length(u64::try_from(head).unwrap_or(0).max(events));
+            bar.set_position(events);
+        })
+        .await?;
+        bar.finish_and_clear();
+        tracing::info!(
+            projection = name,
+            events = done.events,
+            events_per_second = done.events_per_second.round(),
+            "rebuilt and swapped in"
+        );
+    }
+    Ok(())
+}
+
+async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
+    if settings.jwt_secret_is_default {
+        tracing::warn!("ORDERLINE_JWT_SECRET is unset: using the development secret; never do this in production");
+    }
+    let (pool, local) = open_database(&settings).await?;
+    event_store::MIGRATOR
+        .run(&pool)
+        .await
+        .context("migration failed")?;
+    let keys = TokenKeys::hs256(settings.jwt_secret.expose().as_bytes());
+    let app = Application::new(settings.addr, pool.clone(), keys, parts)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.addr))?;
+    if let Ok(addr) = app.local_addr() {
+        tracing::info!(%addr, "orderline is listening");
+    }
+    if parts.projections {
+        tracing::info!("projections are following the log");
+    }
+    app.run_until(shutdown_signal()).await?;
+    tracing::info!("shutting down");
+    pool.close().await;
+    if let Some(local) = local {
+        local.stop().await;
+    }
+    Ok(())
+}
+
+/// Connects to `DATABASE_URL`, or starts the private cluster and creates its database.
+async fn open_database(
+    settings: &Settings,
+) -> anyhow::Result<(sqlx::PgPool, Option<LocalPostgres>)> {
+    match &settings.database {
+        Database::Url(url) => {
+            let pool = event_store::connect(url.expose(), settings.pool_size)
+                .await
+                .context("cannot connect to DATABASE_URL")?;
+            Ok((pool, None))
+        }
+        Database::Local(folder) => {
+            let local = LocalPostgres::start(folder).await?;
+            let admin = event_store::connect(&local.admin_url(), 1).await?;
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(local_postgres::DATABASE)
+                    .fetch_one(&admin)
+                    .await?;
+            if !exists {
+                sqlx::query(&format!("CREATE DATABASE {}", local_postgres::DATABASE))
+                    .execute(&admin)
+                    .await?;
+            }
+            admin.close().await;
+            let pool = event_store::connect(&local.url(), settings.pool_size).await?;
+            Ok((pool, Some(local)))
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_read_like_durations() {
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1800)));
+        assert!(parse_ttl("1y").is_err());
+        assert!(parse_ttl("h").is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Typed settings from the environment (names as in `../shared/API.md`, section Running).
+//! Everything is validated at start-up so a bad value stops the process with a clear message
+//! instead of failing on the first request.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The HS256 secret used when `ORDERLINE_JWT_SECRET` is unset. Development only: the server
+/// warns when it uses it.
+pub const DEVELOPMENT_JWT_SECRET: &str = "orderline-development-secret-do-not-use-in-production";
+
+/// A value that must not appear in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Which Postgres to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// `DATABASE_URL`: an existing server.
+    Url(Secret),
+    /// `DATABASE_URL` unset: a private cluster that orderline creates and starts in this folder.
+    Local(PathBuf),
+}
+
+/// All settings of `orderline serve` and `orderline migrate`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where Postgres is.
+    pub database: Database,
+    /// Where the HTTP API listens (`ORDERLINE_ADDR`).
+    pub addr: SocketAddr,
+    /// The HS256 token secret (`ORDERLINE_JWT_SECRET`).
+    pub jwt_secret: Secret,
+    /// Whether `jwt_secret` is the development default.
+    pub jwt_secret_is_default: bool,
+    /// Largest number of Postgres connections (`ORDERLINE_DB_POOL_SIZE`).
+    pub pool_size: u32,
+}
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem}")]
+pub struct SettingsError {
+    name: &'static str,
+    problem: String,
+}
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    ///
+    /// # Errors
+    /// [`SettingsError`] naming the first variable with an unusable value.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup` (the environment, or a map in tests).
+    ///
+    /// # Errors
+    /// [`SettingsError`] naming the first variable with an unusable value.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let database = match get("DATABASE_URL") {
+            Some(url) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(SettingsError {
+                        name: "DATABASE_URL",
+                        problem: "must start with postgres:// or postgresql://".into(),
+                    });
+                }
+                Database::Url(Secret::new(url))
+            }
+            None => Database::Local(
+                get("ORDERLINE_DATA_DIR")
+                    .map_or_else(|| PathBuf::from(".orderline"), PathBuf::from),
+            ),
+        };
+        let addr = match get("ORDERLINE_ADDR") {
+            Some(raw) => raw.parse().map_err(|e| SettingsError {
+                name: "ORDERLINE_ADDR",
+                problem: format!("{e}; expected host:port such as 127.0.0.1:8080"),
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let (jwt_secret, jwt_secret_is_default) = match get("ORDERLINE_JWT_SECRET") {
+            Some(s) if s.len() < 32 => {
+                return Err(SettingsError {
+                    name: "ORDERLINE_JWT_SECRET",
+                    problem: "must be at least 32 bytes for HS256".into(),
+                })
+            }
+            Some(s) => (Secret::new(s), false),
+            None => (Secret::new(DEVELOPMENT_JWT_SECRET), true),
+        };
+        let pool_size = match get("ORDERLINE_DB_POOL_SIZE") {
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=500).contains(n))
+                .ok_or_else(|| SettingsError {
+                    name: "ORDERLINE_DB_POOL_SIZE",
+                    problem: "must be a number from 1 to 500".into(),
+                })?,
+            None => 16,
+        };
+        Ok(Self {
+            database,
+            addr,
+            jwt_secret,
+            jwt_secret_is_default,
+            pool_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.database, Database::Local(PathBuf::from(".orderline")));
+        assert_eq!(s.addr, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert!(s.jwt_secret_is_default);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let e = settings(&[("ORDERLINE_ADDR", "nope")]).unwrap_err();
+        assert!(e.to_string().starts_with("ORDERLINE_ADDR"));
+        let e = settings(&[("ORDERLINE_JWT_SECRET", "short")]).unwrap_err();
+        assert!(e.to_string().starts_with("ORDERLINE_JWT_SECRET"));
+        let e = settings(&[("DATABASE_URL", "mysql://x")]).unwrap_err();
+        assert!(e.to_string().starts_with("DATABASE_URL"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = settings(&[("DATABASE_URL", "postgres://u:pw@h/db")]).unwrap();
+        assert!(!format!("{s:?}").contains("pw"));
+    }
+}

@@ -1,0 +1,276 @@
+//! Rebuilding a projection from the start of the log while the live table keeps serving.
+//!
+//! 1. Take the projection's rebuild lock ([`RebuildLock`]; one rebuild at a time, whichever
+//!    process asks).
+//! 2. Create `TABLE__rebuild` like the live table and fill it from position zero, page by page
+//!    (unlogged, with only its primary key; it is made logged and indexed before the swap).
+//! 3. When a page comes back short, lock the projection's checkpoint row (the live consumer
+//!    pauses at its next page), apply what is left, swap the tables by renaming them, and move the
+//!    checkpoint to where the rebuild got. One transaction: readers see the old table or the new
+//!    one, never neither, and the live consumer resumes from the rebuild's cursor.
+
+use std::time::Instant;
+
+use sqlx::{Connection, PgConnection, PgPool};
+
+use event_store::log::{self, Cursor};
+use event_store::subscription::{ensure_checkpoint, ConsumerError};
+
+use crate::Projection;
+
+/// Events per page while rebuilding.
+pub const PAGE: i64 = 5000;
+
+/// How often a rebuild records how far it got (`rebuild_position`).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The advisory-lock class of rebuild locks.
+const REBUILD_CLASS: i32 = 8103;
+
+/// Why a rebuild did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// Another rebuild of the same projection is running (here or in another process).
+    #[error("a rebuild of {0} is already running")]
+    AlreadyRunning(String),
+    /// Postgres failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The projection could not apply an event (the same error would park the live one).
+    #[error("the projection failed: {0}")]
+    Projection(ConsumerError),
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebuilt {
+    /// Events read from the log (every event, whether the projection used it or not).
+    pub events: u64,
+    /// Where the live consumer continues from.
+    pub cursor: Cursor,
+    /// Events per second over the whole rebuild.
+    pub events_per_second: f64,
+}
+
+/// The right to rebuild one projection: a session advisory lock on a connection of its own,
+/// held until the rebuild ends (or the process dies).
+pub struct RebuildLock(PgConnection);
+
+impl RebuildLock {
+    /// Takes the lock for `projection`.
+    ///
+    /// # Errors
+    /// [`RebuildError::AlreadyRunning`] if another rebuild of it holds the lock.
+    pub async fn acquire(pool: &PgPool, projection: &dyn Projection) -> Result<Self, RebuildError> {
+        let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(REBUILD_CLASS)
+            .bind(projection.name())
+            .fetch_one(&mut conn)
+            .await?;
+        if !taken {
+            conn.close().await.ok();
+            return Err(RebuildError::AlreadyRunning(projection.name().to_owned()));
+        }
+        Ok(Self(conn))
+    }
+}
+
+/// Rebuilds `projection` under `lock`. `progress(events_read, log_head)` is called after every
+/// page.
+///
+/// # Errors
+/// The database or projection error, after which the live table is untouched.
+pub async fn rebuild(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    RebuildLock(mut lock): RebuildLock,
+    progress: &(dyn Fn(u64, i64) + Sync),
+) -> Result<Rebuilt, RebuildError> {
+    let name = projection.name();
+    let twin = format!("{}__rebuild", projection.table());
+    let result = fill_and_swap(pool, projection, &twin, progress).await;
+    let cleanup = format!("DROP TABLE IF EXISTS {twin}");
+    if result.is_err() {
+        sqlx::query(&cleanup).execute(&mut lock).await.ok();
+    }
+    sqlx::query("UPDATE checkpoints SET rebuild_position = NULL WHERE consumer = $1")
+        .bind(name)
+        .execute(&mut lock)
+        .await
+        .ok();
+    lock.close().await.ok();
+    result
+}
+
+async fn fill_and_swap(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    twin: &str,
+    progress: &(dyn Fn(u64, i64) + Sync),
+) -> Result<Rebuilt, RebuildError> {
+    let started = Instant::now();
+    let name = projection.name();
+    let live = projection.table();
+    let mut conn = pool.acquire().await?;
+    ensure_checkpoint(&mut conn, name).await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {twin}"))
+        .execute(&mut *conn)
+        .await?;
+    // The twin serves nothing until the swap, so it is filled unlogged and with its primary key
+    // only (the upserts need it); it is made logged and gets its other indexes once, at the end.
+    sqlx::query(&format!(
+        "CREATE UNLOGGED TABLE {twin} (LIKE {live} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    let primary_key: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+          WHERE conrelid = $1::regclass AND contype = 'p'",
+    )
+    .bind(live)
+    .fetch_one(&mut *conn)
+    .await?;
+    sqlx::query(&format!("ALTER TABLE {twin} ADD {primary_key}"))
+        .execute(&mut *conn)
+        .await?;
+    let secondary: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_indexdef(indexrelid) FROM pg_index
+          WHERE indrelid = $1::regclass AND NOT indisprimary",
+    )
+    .bind(live)
+    .fetch_all(&mut *conn)
+    .await?;
+    let head = log::head_position(&mut conn).await?;
+    // Pages are read on a second connection while the previous one is applied.
+    let mut reader = pool.acquire().await?;
+    let mut cursor = Cursor::default();
+    let mut events = 0u64;
+    let mut page = log::read_page(&mut reader, cursor, PAGE).await?;
+    let mut reported = Instant::now();
+    while let Some(last) = page.last() {
+        cursor = last.cursor();
+        let more = page.len() as i64 == PAGE;
+        let read_next = async {
+            match more {
+                true => log::read_page(&mut reader, cursor, PAGE).await,
+                false => Ok(Vec::new()),
+            }
+        };
+        let report_progress = reported.elapsed() >= PROGRESS_EVERY || !more;
+        let apply = async {
+            // Writes to the unlogged twin commit without a WAL flush; progress, which is logged,
+            // is written now and then rather than with every page.
+            let mut tx = conn.begin().await?;
+            projection
+                .apply(&mut tx, twin, &page)
+                .await
+                .map_err(RebuildError::Projection)?;
+            if report_progress {
+                sqlx::query("UPDATE checkpoints SET rebuild_position = $2 WHERE consumer = $1")
+                    .bind(name)
+                    .bind(cursor.position)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, RebuildError>(())
+        };
+        let (next, applied) = tokio::join!(read_next, apply);
+        applied?;
+        if report_progress {
+            reported = Instant::now();
+        }
+        events += page.len() as u64;
+        progress(events, head);
+        page = next?;
+    }
+    drop(reader);
+    sqlx::query(&format!("ALTER TABLE {twin} SET LOGGED"))
+        .execute(&mut *conn)
+        .await?;
+    for definition in &secondary {
+        sqlx::query(&index_on(definition, twin))
+            .execute(&mut *conn)
+            .await?;
+    }
+
+    let mut tx = conn.begin().await?;
+    // Holding the checkpoint row stops the live consumer between pages.
+    sqlx::query("SELECT 1 FROM checkpoints WHERE consumer = $1 FOR UPDATE")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    loop {
+        let page = log::read_page(&mut tx, cursor, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        cursor = last.cursor();
+        events += page.len() as u64;
+        projection
+            .apply(&mut tx, twin, &page)
+            .await
+            .map_err(RebuildError::Projection)?;
+    }
+    let old = format!("{live}__old");
+    for sql in [
+        format!("ALTER TABLE {live} RENAME TO {old}"),
+        format!("ALTER TABLE {twin} RENAME TO {live}"),
+        format!("DROP TABLE {old}"),
+    ] {
+        sqlx::query(&sql).execute(&mut *tx).await?;
+    }
+    sqlx::query(
+        "UPDATE checkpoints
+            SET transaction_id = $2::text::xid8, position = $3, events_applied = $4,
+                state = 'running', last_error = NULL, parked_position = NULL,
+                rebuild_position = NULL, updated_at = now()
+          WHERE consumer = $1",
+    )
+    .bind(name)
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .bind(i64::try_from(events).unwrap_or(i64::MAX))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    progress(events, head.max(cursor.position));
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    tracing::info!(projection = name, events, seconds, "rebuilt");
+    Ok(Rebuilt {
+        events,
+        cursor,
+        events_per_second: events as f64 / seconds,
+    })
+}
+
+/// Turns `CREATE [UNIQUE] INDEX name ON table USING ...` (as `pg_get_indexdef` prints it) into the
+/// same index, unnamed, on `table`.
+fn index_on(definition: &str, table: &str) -> String {
+    let unique = if definition.starts_with("CREATE UNIQUE") {
+        "UNIQUE "
+    } else {
+        ""
+    };
+    let rest = definition
+        .find(" USING ")
+        .map_or(definition, |at| &definition[at..]);
+    format!("CREATE {unique}INDEX ON {table}{rest}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_on;
+
+    #[test]
+    fn an_index_definition_moves_to_the_twin_table() {
+        assert_eq!(
+            index_on(
+                "CREATE INDEX rm_inventory_low_stock ON public.rm_inventory USING btree (sku) WHERE low_stock",
+                "rm_inventory__rebuild"
+            ),
+            "CREATE INDEX ON rm_inventory__rebuild USING btree (sku) WHERE low_stock"
+        );
+        assert!(index_on("CREATE UNIQUE INDEX x ON t USING btree (a)", "u")
+            .starts_with("CREATE UNIQUE INDEX ON u"));
+    }
+}

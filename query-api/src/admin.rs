@@ -1,0 +1,151 @@
+//! Admin routes over the log and the consumers (admin role only).
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use api_common::auth::Admin;
+use api_common::error::ApiError;
+use event_store::log::{self, Cursor, LogEvent};
+use projections::rebuild::{self, RebuildError, RebuildLock};
+
+use crate::{QueryState, Read};
+
+/// Query of `GET /api/v1/admin/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+/// A page of the global log.
+#[derive(Debug, Serialize)]
+pub struct EventsPage {
+    events: Vec<LogEvent>,
+    /// Pass as `after` for the next page (the same cursor again when the page was empty).
+    next: String,
+}
+
+/// `GET /api/v1/admin/events?after=&limit=`: the global log in commit-safe order (see
+/// `event_store::log`). `after` is the `next` of the previous page; absent, the log's start.
+///
+/// # Errors
+/// 400 for a malformed cursor or limit; 401/403.
+pub async fn events(
+    State(state): State<QueryState>,
+    _: Admin,
+    Query(query): Query<EventsQuery>,
+) -> Result<Read<EventsPage>, ApiError> {
+    let after: Cursor = query
+        .after
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: String| ApiError::field("after", e))?
+        .unwrap_or_default();
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field("limit", "must be 1 to 1000"));
+    }
+    let mut conn = state.pool.acquire().await?;
+    let events = log::read_page(&mut conn, after, limit).await?;
+    let next = events.last().map_or(after, LogEvent::cursor);
+    Ok(Read {
+        position: next.position,
+        body: EventsPage {
+            events,
+            next: next.to_string(),
+        },
+    })
+}
+
+/// One consumer's progress.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ConsumerView {
+    name: String,
+    /// Position of the last event applied.
+    position: i64,
+    /// Events in the log after it.
+    lag: i64,
+    /// Age of the oldest event not applied yet, in seconds (0 when caught up).
+    lag_seconds: f64,
+    /// `running` or `parked`.
+    state: String,
+    events_applied: i64,
+    last_error: Option<String>,
+    last_error_at: Option<DateTime<Utc>>,
+    parked_position: Option<i64>,
+    /// While a rebuild runs: the position it has reached.
+    rebuild_position: Option<i64>,
+}
+
+/// Every consumer's progress.
+#[derive(Debug, Serialize)]
+pub struct ConsumersPage {
+    items: Vec<ConsumerView>,
+}
+
+/// `GET /api/v1/admin/projections`: position, lag (events and seconds), state and last error
+/// of every consumer of the log.
+///
+/// # Errors
+/// 401/403.
+pub async fn projections(
+    State(state): State<QueryState>,
+    _: Admin,
+) -> Result<Json<ConsumersPage>, ApiError> {
+    let items: Vec<ConsumerView> = sqlx::query_as(
+        "SELECT c.consumer AS name, c.position, c.state, c.events_applied, c.last_error,
+                c.last_error_at, c.parked_position, c.rebuild_position,
+                (SELECT count(*) FROM events e
+                  WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)) AS lag,
+                coalesce(extract(epoch FROM now() - (
+                    SELECT e.recorded_at FROM events e
+                     WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
+                     ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0) AS lag_seconds
+           FROM checkpoints c ORDER BY c.consumer",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(ConsumersPage { items }))
+}
+
+/// `POST /api/v1/admin/projections/{name}/rebuild`: 202 and the rebuild runs in the background;
+/// the live table serves until the rebuilt one takes its place. Progress shows in
+/// `GET /api/v1/admin/projections` as `rebuild_position`.
+///
+/// # Errors
+/// 404 for an unknown projection; 409 while a rebuild of it runs; 401/403.
+pub async fn rebuild(
+    State(state): State<QueryState>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let projection = projections::by_name(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no projection named {name}")))?;
+    let lock = RebuildLock::acquire(&state.pool, projection.as_ref())
+        .await
+        .map_err(|e| match e {
+            RebuildError::AlreadyRunning(_) => ApiError::Conflict(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    let pool = state.pool.clone();
+    tokio::spawn(async move {
+        match rebuild::rebuild(&pool, projection.as_ref(), lock, &|_, _| {}).await {
+            Ok(done) => tracing::info!(
+                projection = projection.name(),
+                events = done.events,
+                "rebuild finished"
+            ),
+            Err(e) => tracing::error!(projection = projection.name(), error = %e, "rebuild failed"),
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "name": name, "state": "rebuilding" })),
+    ))
+}

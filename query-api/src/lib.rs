@@ -1,0 +1,136 @@
+//! The orderline query API: the read half of the HTTP contract (`../shared/API.md`, sections
+//! Queries and Admin and tooling).
+//!
+//! Read models are eventually consistent. Every answer carries `X-Orderline-Position`, the
+//! position of the last event its read model applied, and `?min_position=N` waits (up to
+//! [`MAX_WAIT`]) until the read model has applied event N, else answers 503 with `Retry-After`.
+
+pub mod admin;
+pub mod catalog;
+pub mod orders;
+pub mod payments;
+
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use api_common::auth::TokenKeys;
+use api_common::error::ApiError;
+use event_store::log::Cursor;
+
+/// Longest `min_position` wait before 503.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The header naming the position a read model has reached.
+pub static POSITION_HEADER: HeaderName = HeaderName::from_static("x-orderline-position");
+
+/// What the query handlers share.
+#[derive(Clone)]
+pub struct QueryState {
+    /// The database with the read models.
+    pub pool: PgPool,
+    /// Token verification keys.
+    pub keys: TokenKeys,
+}
+
+impl FromRef<QueryState> for TokenKeys {
+    fn from_ref(state: &QueryState) -> Self {
+        state.keys.clone()
+    }
+}
+
+/// The query and admin routes, ready to be merged into the server's router.
+pub fn router(state: QueryState) -> Router {
+    Router::new()
+        .route("/api/v1/orders", get(orders::list))
+        .route("/api/v1/orders/{id}", get(orders::one))
+        .route("/api/v1/orders/{id}/events", get(orders::events))
+        .route("/api/v1/orders/{id}/updates", get(orders::updates))
+        .route("/api/v1/products", get(catalog::products))
+        .route("/api/v1/products/{sku}", get(catalog::product))
+        .route("/api/v1/inventory", get(catalog::levels))
+        .route("/api/v1/inventory/{sku}", get(catalog::level))
+        .route("/api/v1/payments/{order_id}", get(payments::one))
+        .route("/api/v1/admin/events", get(admin::events))
+        .route("/api/v1/admin/projections", get(admin::projections))
+        .route(
+            "/api/v1/admin/projections/{name}/rebuild",
+            post(admin::rebuild),
+        )
+        .with_state(state)
+}
+
+/// `?min_position=N`, accepted by every query.
+#[derive(Debug, Default, Deserialize)]
+pub struct Consistency {
+    /// Wait until the read model has applied this position.
+    pub min_position: Option<i64>,
+}
+
+/// A query answer: JSON plus `X-Orderline-Position`.
+pub struct Read<T> {
+    /// Position the read model had reached when it was read.
+    pub position: i64,
+    /// The body.
+    pub body: T,
+}
+
+impl<T: Serialize> IntoResponse for Read<T> {
+    fn into_response(self) -> Response {
+        let mut response = Json(self.body).into_response();
+        response
+            .headers_mut()
+            .insert(POSITION_HEADER.clone(), HeaderValue::from(self.position));
+        response
+    }
+}
+
+/// The cursor `projection` has reached, once it has applied `min_position` (if given).
+///
+/// # Errors
+/// 400 for a negative position; 503 (with `Retry-After`) when the read model has not applied it
+/// within [`MAX_WAIT`]; 500 on database failure.
+pub async fn reached(
+    pool: &PgPool,
+    projection: &str,
+    consistency: &Consistency,
+) -> Result<Cursor, ApiError> {
+    if consistency.min_position.is_some_and(|p| p < 0) {
+        return Err(ApiError::field("min_position", "must not be negative"));
+    }
+    let deadline = tokio::time::Instant::now() + MAX_WAIT;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let (transaction_id, position, applied): (i64, i64, bool) = sqlx::query_as(
+            "SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0),
+                    $2::bigint IS NULL OR EXISTS (
+                        SELECT 1 FROM events e WHERE e.position = $2
+                           AND (e.transaction_id, e.position) <= (c.transaction_id, c.position))
+               FROM (SELECT 1) AS one LEFT JOIN checkpoints c ON c.consumer = $1",
+        )
+        .bind(projection)
+        .bind(consistency.min_position)
+        .fetch_one(pool)
+        .await?;
+        if applied {
+            return Ok(Cursor {
+                transaction_id,
+                position,
+            });
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(ApiError::Unavailable(format!(
+                "the {projection} read model has not reached position {} yet; retry",
+                consistency.min_position.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}

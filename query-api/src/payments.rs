@@ -1,0 +1,61 @@
+//! `GET /api/v1/payments/{order_id}` (owner, admin).
+
+use axum::extract::{Path, Query, State};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use api_common::auth::{CustomerOrAdmin, Role};
+use api_common::error::ApiError;
+use projections::payments::{AttemptView, PaymentChange, PaymentRow, Status};
+
+use crate::{reached, Consistency, QueryState, Read};
+
+/// A payment as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct PaymentView {
+    order_id: Uuid,
+    status: Status,
+    amount: Option<Value>,
+    captured_minor: i64,
+    refunded_minor: i64,
+    attempts: Vec<AttemptView>,
+    history: Vec<PaymentChange>,
+}
+
+/// The order's payment, with every attempt and status change.
+///
+/// # Errors
+/// 401/403; 404 for an unknown order or another customer's.
+pub async fn one(
+    State(state): State<QueryState>,
+    CustomerOrAdmin(actor): CustomerOrAdmin,
+    Path(id): Path<String>,
+    Query(consistency): Query<Consistency>,
+) -> Result<Read<PaymentView>, ApiError> {
+    let not_found = || ApiError::NotFound("payment not found".into());
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let cursor = reached(&state.pool, "payments", &consistency).await?;
+    let row: Option<Value> =
+        sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_payments t WHERE order_id = $1")
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?;
+    let row: PaymentRow = serde_json::from_value(row.ok_or_else(not_found)?)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if actor.role == Role::Customer && row.customer_id.as_deref() != Some(actor.sub.as_str()) {
+        return Err(not_found());
+    }
+    Ok(Read {
+        position: cursor.position,
+        body: PaymentView {
+            order_id: row.order_id,
+            status: row.status,
+            amount: row.amount,
+            captured_minor: row.captured,
+            refunded_minor: row.refunded,
+            attempts: row.attempts,
+            history: row.history,
+        },
+    })
+}

@@ -1,0 +1,207 @@
+use aggregates::inventory::{Product, ProductCommand};
+use aggregates::values::{OrderId, Quantity};
+use orderline_tests::{json_body, TestApp};
+use reqwest::StatusCode;
+use serde_json::Value;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn the_admin_log_pages_through_every_event_in_order() {
+    let app = TestApp::spawn().await;
+    for i in 0..7 {
+        app.register_product(&format!("S{i}"), 1, 1).await;
+    }
+    let mut after = String::new();
+    let mut positions = Vec::new();
+    // An empty page means "nothing readable yet" (a transaction may hold the log back for a
+    // moment), not the end: poll with the same cursor, as clients do.
+    for _ in 0..500 {
+        if positions.len() == 7 {
+            break;
+        }
+        let path = format!("/api/v1/admin/events?limit=3{after}");
+        let page = json_body(app.get(&path, &app.admin()).await).await;
+        let events = page["events"].as_array().unwrap().clone();
+        if events.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        }
+        positions.extend(events.iter().map(|e| e["position"].as_i64().unwrap()));
+        assert!(events[0]["metadata"]["actor_sub"].is_string());
+        after = format!("&after={}", page["next"].as_str().unwrap());
+    }
+    assert_eq!(positions, (1..=7).collect::<Vec<i64>>());
+    let customer = app.get("/api/v1/admin/events", &app.customer("c")).await;
+    assert_eq!(customer.status(), StatusCode::FORBIDDEN);
+    let bad = app.get("/api/v1/admin/events?after=x", &app.admin()).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn projections_report_position_lag_and_state() {
+    let app = TestApp::spawn().await;
+    app.register_product("A", 1, 1).await;
+    app.caught_up().await;
+    let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
+    let items = body["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["inventory", "orders", "payments"]);
+    for item in items {
+        assert_eq!(item["state"], "running");
+        assert_eq!(item["lag"], 0);
+        assert_eq!(item["position"], 1);
+    }
+}
+
+#[tokio::test]
+async fn a_poison_event_parks_its_projection_with_the_error_visible() {
+    let app = TestApp::spawn().await;
+    app.register_product("A", 1, 1).await;
+    app.caught_up().await;
+    // An event no projection can fold: a restock of a SKU that was never registered.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('inventory', 'GHOST', 1, 'Restocked', '1', '{\"Restocked\": {\"quantity\": 1, \"note\": null}}', '{}')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut parked = Value::Null;
+    for _ in 0..200 {
+        let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
+        parked = body["items"][0].clone();
+        if parked["state"] == "parked" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(parked["name"], "inventory");
+    assert_eq!(parked["state"], "parked");
+    assert!(parked["last_error"].as_str().unwrap().contains("GHOST"));
+    assert_eq!(parked["parked_position"], 2);
+    // The others are not held up, and the API still answers.
+    let health = app
+        .client
+        .get(format!("{}/health/ready", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_equals_the_live_read_model_while_writes_continue() {
+    let app = TestApp::spawn().await;
+    for i in 0..5 {
+        app.register_product(&format!("S{i}"), 10, 1000).await;
+    }
+    for i in 0..30 {
+        let sku = format!("S{}", i % 5);
+        app.place_order(&format!("c{}", i % 3), &[(sku.as_str(), 1)])
+            .await;
+        let reserve = ProductCommand::Reserve {
+            order_id: OrderId::from(Uuid::new_v4()),
+            quantity: Quantity::parse(1).unwrap(),
+        };
+        app.execute::<Product>(&sku, reserve).await.unwrap();
+    }
+    app.caught_up().await;
+    for (name, table, key) in [
+        ("orders", "rm_orders", "order_id"),
+        ("inventory", "rm_inventory", "sku"),
+        ("payments", "rm_payments", "order_id"),
+    ] {
+        let writes = async {
+            for i in 0..20 {
+                app.restock(&format!("S{}", i % 5), 1).await;
+                app.place_order("late", &[("S1", 1)]).await;
+            }
+        };
+        let rebuild = async {
+            let response = app
+                .post(
+                    &format!("/api/v1/admin/projections/{name}/rebuild"),
+                    Some(&app.admin()),
+                    &serde_json::json!({}),
+                    &[],
+                )
+                .await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+        };
+        tokio::join!(writes, rebuild);
+        // The rebuild is done when its lock is free again and its table swapped in.
+        for _ in 0..500 {
+            let running: bool = sqlx::query_scalar(
+                "SELECT rebuild_position IS NOT NULL OR to_regclass($1) IS NOT NULL FROM checkpoints WHERE consumer = $2",
+            )
+            .bind(format!("{table}__rebuild"))
+            .bind(name)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            if !running {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        app.caught_up().await;
+        let rebuilt = app.dump(table, key).await;
+        // Rebuild once more, now quietly, and compare byte for byte.
+        let lock = projections::rebuild::RebuildLock::acquire(
+            &app.pool,
+            projections::by_name(name).unwrap().as_ref(),
+        )
+        .await
+        .unwrap();
+        projections::rebuild::rebuild(
+            &app.pool,
+            projections::by_name(name).unwrap().as_ref(),
+            lock,
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        app.caught_up().await;
+        assert_eq!(app.dump(table, key).await, rebuilt, "{name}");
+    }
+    app.assert_read_models_match_log().await;
+    let applied: Vec<(String, i64)> =
+        sqlx::query_as("SELECT consumer, events_applied FROM checkpoints ORDER BY consumer")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    for (consumer, n) in applied {
+        assert_eq!(n, events, "{consumer} applied every event exactly once");
+    }
+}
+
+#[tokio::test]
+async fn a_second_rebuild_of_the_same_projection_is_409() {
+    let app = TestApp::spawn().await;
+    let projection = projections::by_name("orders").unwrap();
+    let _held = projections::rebuild::RebuildLock::acquire(&app.pool, projection.as_ref())
+        .await
+        .unwrap();
+    let response = app
+        .post(
+            "/api/v1/admin/projections/orders/rebuild",
+            Some(&app.admin()),
+            &serde_json::json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let unknown = app
+        .post(
+            "/api/v1/admin/projections/nope/rebuild",
+            Some(&app.admin()),
+            &serde_json::json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+}

@@ -1,0 +1,398 @@
+//! The global log and the checkpointed consumers: no skip behind an open transaction, one
+//! applier per projection across processes, takeover, and read models equal to the log's fold
+//! under random interleavings of commands.
+
+use std::time::Duration;
+
+use aggregates::inventory::{Product, ProductCommand};
+use aggregates::order::{Order, OrderCommand, OrderLine, RejectionReason};
+use aggregates::payment::{AttemptOutcome, Payment, PaymentCommand};
+use aggregates::values::{
+    Currency, CustomerId, Money, OrderId, PaymentToken, Quantity, Reason, Sku,
+};
+use event_store::{EventStore, Metadata};
+use futures::future::join_all;
+use orderline::Parts;
+use orderline_tests::TestApp;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+fn quantity(n: i64) -> Quantity {
+    Quantity::parse(n).unwrap()
+}
+
+fn restock(n: i64) -> ProductCommand {
+    ProductCommand::Restock {
+        quantity: quantity(n),
+        note: None,
+    }
+}
+
+/// Every consumer applied every event exactly once.
+async fn applied_once(app: &TestApp) {
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let applied: Vec<(String, i64)> =
+        sqlx::query_as("SELECT consumer, events_applied FROM checkpoints ORDER BY consumer")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(applied.len(), 3);
+    for (consumer, n) in applied {
+        assert_eq!(n, events, "{consumer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_open_transaction_stalls_projections_and_never_makes_them_skip() {
+    let app = TestApp::spawn().await;
+    app.register_product("SLOW", 1, 0).await;
+    for w in 0..8 {
+        app.register_product(&format!("W{w}"), 3, 1_000_000).await;
+    }
+    let store = EventStore::new(app.pool.clone());
+    for round in 0..3 {
+        // A transaction appends one event and stays open for seconds.
+        let loaded = store.load::<Product>("SLOW").await.unwrap();
+        let events = loaded.aggregate.decide(restock(1)).unwrap();
+        let mut after = loaded.aggregate.clone();
+        events.iter().cloned().for_each(|e| after.apply_event(e));
+        let mut slow = app.pool.begin().await.unwrap();
+        let metadata = Metadata {
+            correlation_id: Uuid::new_v4(),
+            causation_id: Uuid::new_v4(),
+            actor_sub: "slow".into(),
+            actor_role: "admin".into(),
+            request_id: format!("slow-{round}"),
+        };
+        EventStore::append(&mut slow, "SLOW", &loaded, &after, &events, &metadata)
+            .await
+            .unwrap();
+        let slow_xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+            .fetch_one(&mut *slow)
+            .await
+            .unwrap();
+
+        // Meanwhile 8 writers commit hundreds of events.
+        join_all((0..8).map(|w| {
+            let app = &app;
+            async move {
+                for i in 0..30 {
+                    app.execute::<Product>(&format!("W{w}"), restock(1))
+                        .await
+                        .unwrap();
+                    if i % 10 == 0 {
+                        app.place_order(&format!("c{w}"), &[(&format!("W{w}"), 1)])
+                            .await;
+                    }
+                }
+            }
+        }))
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // No projection went past the open transaction.
+        let passed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM checkpoints WHERE transaction_id::text::bigint >= $1",
+        )
+        .bind(slow_xid)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            passed, 0,
+            "round {round}: a projection passed an open transaction"
+        );
+
+        slow.commit().await.unwrap();
+        app.caught_up().await;
+        app.assert_read_models_match_log().await;
+        let on_hand: i64 =
+            sqlx::query_scalar("SELECT on_hand FROM rm_inventory WHERE sku = 'SLOW'")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            on_hand,
+            round + 1,
+            "round {round}: the slow event was skipped"
+        );
+    }
+    applied_once(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_apply_each_projection_once_and_take_over_from_each_other() {
+    let app = TestApp::spawn_with(Parts {
+        api: true,
+        projections: false,
+    })
+    .await;
+    let projections_only = Parts {
+        api: false,
+        projections: true,
+    };
+    app.register_product("A", 1, 1_000_000).await;
+    let first = app.spawn_process(projections_only).await;
+    app.caught_up().await;
+    let second = app.spawn_process(projections_only).await;
+    let writes = |n: usize| {
+        let app = &app;
+        async move {
+            join_all((0..n).map(|i| async move {
+                app.place_order(&format!("c{}", i % 5), &[("A", 1)]).await;
+                app.restock("A", 1).await;
+            }))
+            .await;
+        }
+    };
+    writes(40).await;
+    app.caught_up().await;
+    // The first process held every lease; when it stops, the second takes over.
+    first.stop().await;
+    writes(40).await;
+    app.caught_up().await;
+    second.stop().await;
+    app.assert_read_models_match_log().await;
+    applied_once(&app).await;
+}
+
+/// One step of a random history, on a few SKUs and orders.
+#[derive(Debug, Clone)]
+enum Step {
+    Register(u8),
+    Restock(u8, i64),
+    Adjust(u8, i64),
+    Place(u8, Vec<(u8, i64)>),
+    Confirm(u8),
+    Reject(u8),
+    Cancel(u8),
+    Ship(u8),
+    Reserve(u8, u8, i64),
+    Release(u8, u8),
+    Commit(u8, u8),
+    RequestPayment(u8, i64),
+    Attempt(u8, u8, u8),
+    Capture(u8, i64),
+    Void(u8),
+    Refund(u8, i64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let sku = 0u8..3;
+    let order = 0u8..4;
+    prop_oneof![
+        sku.clone().prop_map(Step::Register),
+        (sku.clone(), 1i64..20).prop_map(|(s, n)| Step::Restock(s, n)),
+        (sku.clone(), -10i64..10).prop_map(|(s, n)| Step::Adjust(s, n)),
+        (
+            order.clone(),
+            prop::collection::vec((sku.clone(), 1i64..5), 1..3)
+        )
+            .prop_map(|(o, lines)| Step::Place(o, lines)),
+        order.clone().prop_map(Step::Confirm),
+        order.clone().prop_map(Step::Reject),
+        order.clone().prop_map(Step::Cancel),
+        order.clone().prop_map(Step::Ship),
+        (sku.clone(), order.clone(), 1i64..6).prop_map(|(s, o, n)| Step::Reserve(s, o, n)),
+        (sku.clone(), order.clone()).prop_map(|(s, o)| Step::Release(s, o)),
+        (sku, order.clone()).prop_map(|(s, o)| Step::Commit(s, o)),
+        (order.clone(), 1i64..500).prop_map(|(o, a)| Step::RequestPayment(o, a)),
+        (order.clone(), 0u8..4, 0u8..4).prop_map(|(o, n, k)| Step::Attempt(o, n, k)),
+        (order.clone(), 1i64..300).prop_map(|(o, a)| Step::Capture(o, a)),
+        order.clone().prop_map(Step::Void),
+        (order, 1i64..300).prop_map(|(o, a)| Step::Refund(o, a)),
+    ]
+}
+
+fn order_id(case: Uuid, o: u8) -> OrderId {
+    OrderId::from(Uuid::new_v5(&case, &[o]))
+}
+
+fn eur(minor: i64) -> Money {
+    Money::new(minor, Currency::parse("EUR").unwrap()).unwrap()
+}
+
+/// Runs one step; refusals are part of a random history and change nothing.
+async fn run(app: &TestApp, case: Uuid, step: Step) {
+    let sku = |s: u8| format!("P{s}");
+    let id = |o: u8| order_id(case, o);
+    let order = |o: u8| id(o).to_string();
+    let _ = match step {
+        Step::Register(s) => app
+            .register_product(&sku(s), 100, 5)
+            .await
+            .status()
+            .is_success()
+            .then_some(())
+            .ok_or(()),
+        Step::Restock(s, n) => app
+            .execute::<Product>(&sku(s), restock(n))
+            .await
+            .map_err(drop),
+        Step::Adjust(s, delta) => app
+            .execute::<Product>(
+                &sku(s),
+                ProductCommand::Adjust {
+                    delta,
+                    reason: Reason::parse("count").unwrap(),
+                },
+            )
+            .await
+            .map_err(drop),
+        Step::Place(o, lines) => {
+            let lines = lines
+                .into_iter()
+                .map(|(s, n)| OrderLine {
+                    sku: Sku::parse(&sku(s)).unwrap(),
+                    quantity: quantity(n),
+                    unit_price: eur(100),
+                })
+                .collect();
+            let place = OrderCommand::Place {
+                order_id: id(o),
+                customer_id: CustomerId::parse(&format!("c{}", o % 2)).unwrap(),
+                lines,
+                payment_token: PaymentToken::parse("tok_visa").unwrap(),
+                shipping_address: None,
+            };
+            app.execute::<Order>(&order(o), place).await.map_err(drop)
+        }
+        Step::Confirm(o) => app
+            .execute::<Order>(&order(o), OrderCommand::Confirm)
+            .await
+            .map_err(drop),
+        Step::Reject(o) => app
+            .execute::<Order>(
+                &order(o),
+                OrderCommand::Reject {
+                    reason: RejectionReason::OutOfStock,
+                },
+            )
+            .await
+            .map_err(drop),
+        Step::Cancel(o) => app
+            .execute::<Order>(&order(o), OrderCommand::Cancel { reason: None })
+            .await
+            .map_err(drop),
+        Step::Ship(o) => app
+            .execute::<Order>(
+                &order(o),
+                OrderCommand::Ship {
+                    carrier: None,
+                    tracking: None,
+                },
+            )
+            .await
+            .map_err(drop),
+        Step::Reserve(s, o, n) => app
+            .execute::<Product>(
+                &sku(s),
+                ProductCommand::Reserve {
+                    order_id: id(o),
+                    quantity: quantity(n),
+                },
+            )
+            .await
+            .map_err(drop),
+        Step::Release(s, o) => app
+            .execute::<Product>(&sku(s), ProductCommand::Release { order_id: id(o) })
+            .await
+            .map_err(drop),
+        Step::Commit(s, o) => app
+            .execute::<Product>(
+                &sku(s),
+                ProductCommand::CommitReservation { order_id: id(o) },
+            )
+            .await
+            .map_err(drop),
+        Step::RequestPayment(o, amount) => app
+            .execute::<Payment>(
+                &order(o),
+                PaymentCommand::Request {
+                    order_id: id(o),
+                    amount: eur(amount),
+                    token: PaymentToken::parse("tok_visa").unwrap(),
+                },
+            )
+            .await
+            .map_err(drop),
+        Step::Attempt(o, n, kind) => {
+            let outcome = match kind {
+                0 => AttemptOutcome::Authorized {
+                    provider_reference: format!("ref-{n}"),
+                },
+                1 => AttemptOutcome::Declined {
+                    reason: "insufficient funds".into(),
+                },
+                2 => AttemptOutcome::Failed {
+                    error: "timeout".into(),
+                    retryable: true,
+                },
+                _ => AttemptOutcome::Failed {
+                    error: "card blocked".into(),
+                    retryable: false,
+                },
+            };
+            app.execute::<Payment>(
+                &order(o),
+                PaymentCommand::RecordAttempt {
+                    attempt_id: format!("a{n}"),
+                    outcome,
+                },
+            )
+            .await
+            .map_err(drop)
+        }
+        Step::Capture(o, a) => app
+            .execute::<Payment>(&order(o), PaymentCommand::Capture { amount: eur(a) })
+            .await
+            .map_err(drop),
+        Step::Void(o) => app
+            .execute::<Payment>(&order(o), PaymentCommand::Void)
+            .await
+            .map_err(drop),
+        Step::Refund(o, a) => app
+            .execute::<Payment>(&order(o), PaymentCommand::Refund { amount: eur(a) })
+            .await
+            .map_err(drop),
+    };
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+    /// Three clients run random histories at once; afterwards every read model equals the
+    /// fold of the log, and every event was applied once.
+    #[test]
+    fn read_models_equal_the_fold_of_the_log_for_random_interleavings(
+        histories in prop::collection::vec(prop::collection::vec(step(), 5..25), 3)
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let app = TestApp::spawn().await;
+            let case = Uuid::new_v4();
+            for s in 0..3 {
+                run(&app, case, Step::Register(s)).await;
+            }
+            join_all(histories.into_iter().map(|history| {
+                let app = &app;
+                async move {
+                    for step in history {
+                        run(app, case, step).await;
+                    }
+                }
+            }))
+            .await;
+            app.caught_up().await;
+            app.assert_read_models_match_log().await;
+            applied_once(&app).await;
+        });
+    }
+}

@@ -1,0 +1,17 @@
+//! End-to-end tests: the real server, the real Postgres. One binary, one module per concern.
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod admin;
+mod auth;
+mod concurrency;
+mod gateway;
+mod idempotency;
+mod inventory;
+mod log;
+mod orders;
+mod queries;
+mod store;
+mod validation;

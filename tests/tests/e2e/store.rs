@@ -1,0 +1,119 @@
+use aggregates::inventory::{Product, ProductCommand, ProductEvent};
+use aggregates::values::{Quantity, Reason};
+use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
+use cqrs_es::DomainEvent;
+use event_store::{EventStore, Metadata, StoreError};
+use orderline_tests::TestApp;
+use postgres_es::PostgresEventRepository;
+use uuid::Uuid;
+
+fn metadata() -> Metadata {
+    Metadata {
+        correlation_id: Uuid::new_v4(),
+        causation_id: Uuid::new_v4(),
+        actor_sub: "test".into(),
+        actor_role: "admin".into(),
+        request_id: "t".into(),
+    }
+}
+
+async fn restock(store: &EventStore, sku: &str, n: i64) {
+    let loaded = store.load::<Product>(sku).await.unwrap();
+    let command = ProductCommand::Restock {
+        quantity: Quantity::parse(n).unwrap(),
+        note: None,
+    };
+    let events = loaded.aggregate.decide(command).unwrap();
+    let mut after = loaded.aggregate.clone();
+    events.iter().cloned().for_each(|e| after.apply_event(e));
+    let mut tx = store.pool().begin().await.unwrap();
+    EventStore::append(&mut tx, sku, &loaded, &after, &events, &metadata())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_snapshot_plus_newer_events_loads_the_same_state_as_the_whole_log() {
+    let app = TestApp::spawn().await;
+    app.register_product("S", 1, 0).await;
+    let store = EventStore::new(app.pool.clone());
+    for n in 1..=45 {
+        restock(&store, "S", n).await;
+    }
+    let (snapshot_at,): (i64,) =
+        sqlx::query_as("SELECT last_sequence FROM snapshots WHERE aggregate_id = 'S'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(snapshot_at, 40);
+    let loaded = store.load::<Product>("S").await.unwrap();
+    assert_eq!(loaded.version, 46);
+    let mut folded = Product::default();
+    let repository = PostgresEventRepository::new(app.pool.clone());
+    for event in repository.get_events::<Product>("S").await.unwrap() {
+        folded.apply_event(serde_json::from_value(event.payload).unwrap());
+    }
+    assert_eq!(loaded.aggregate, folded);
+    assert_eq!(folded.on_hand(), (1..=45).sum::<u64>());
+}
+
+#[tokio::test]
+async fn appending_after_a_stale_load_is_a_conflict() {
+    let app = TestApp::spawn().await;
+    app.register_product("S", 1, 0).await;
+    let store = EventStore::new(app.pool.clone());
+    let stale = store.load::<Product>("S").await.unwrap();
+    restock(&store, "S", 1).await;
+    let event = ProductEvent::StockAdjusted {
+        delta: 1,
+        reason: Reason::parse("count").unwrap(),
+    };
+    let mut tx = app.pool.begin().await.unwrap();
+    let result = EventStore::append(
+        &mut tx,
+        "S",
+        &stale,
+        &stale.aggregate,
+        &[event],
+        &metadata(),
+    )
+    .await;
+    assert!(matches!(result, Err(StoreError::Conflict)));
+}
+
+#[tokio::test]
+async fn postgres_es_can_still_write_and_read_the_extended_table() {
+    let app = TestApp::spawn().await;
+    let repository = PostgresEventRepository::new(app.pool.clone());
+    let event = ProductEvent::Restocked {
+        quantity: Quantity::parse(3).unwrap(),
+        note: None,
+    };
+    app.register_product("S", 1, 0).await;
+    let serialized = SerializedEvent::new(
+        "S".into(),
+        2,
+        "inventory".into(),
+        event.event_type(),
+        event.event_version(),
+        serde_json::to_value(&event).unwrap(),
+        serde_json::json!({}),
+    );
+    repository
+        .persist::<Product>(&[serialized], None)
+        .await
+        .unwrap();
+    let (event_id, position): (Option<Uuid>, Option<i64>) = sqlx::query_as(
+        "SELECT event_id, position FROM events WHERE aggregate_id = 'S' AND sequence = 2",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(event_id.is_some() && position.is_some());
+    let loaded = EventStore::new(app.pool.clone())
+        .load::<Product>("S")
+        .await
+        .unwrap();
+    assert_eq!(loaded.aggregate.on_hand(), 3);
+}
