@@ -317,6 +317,37 @@ impl EventStore {
         Ok(())
     }
 
+    /// Decides `command` on aggregate `id` and appends its events inside the caller's
+    /// transaction, taking the aggregate's write lock first (see
+    /// [`EventStore::lock_and_catch_up`]), so it sees this transaction's own earlier appends and
+    /// never conflicts with other orderline writers. This is how background processes (the
+    /// fulfillment saga) write: their commands commit with their checkpoint.
+    ///
+    /// Returns the events (empty when the command changed nothing) or the domain's refusal.
+    ///
+    /// # Errors
+    /// [`StoreError`] if loading or appending fails; the transaction should then be rolled back.
+    pub async fn execute_in<A: StoredAggregate<Services = ()>>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Result<Vec<A::Event>, A::Error>, StoreError> {
+        let mut loaded = self.load::<A>(id).await?;
+        Self::lock_and_catch_up(conn, id, &mut loaded).await?;
+        let mut after = loaded.aggregate.clone();
+        let sink = cqrs_es::event_sink::EventSink::<A>::default();
+        if let Err(refusal) = after.handle(command, &(), &sink).await {
+            return Ok(Err(refusal));
+        }
+        let events = sink.collect().await;
+        if !events.is_empty() {
+            Self::append(conn, id, &loaded, &after, &events, metadata).await?;
+        }
+        Ok(Ok(events))
+    }
+
     /// The global position of the newest event of one aggregate, 0 if it has none. Commands that
     /// change nothing (a repeated cancel) answer with it.
     ///

@@ -1,8 +1,8 @@
 //! The `orderline` server: wires the crates into one HTTP application.
 //!
 //! [`app`] builds the router (command and query routes, health, problem+json fallbacks) and
-//! [`Application`] runs the parts of the server: the HTTP API on a port and the projections
-//! following the log. The binary (`main.rs`) adds settings, the private Postgres cluster,
+//! [`Application`] runs the parts of the server: the HTTP API on a port, the projections
+//! following the log, and the fulfillment saga (its log consumer and its gateway worker). The binary (`main.rs`) adds settings, the private Postgres cluster,
 //! migrations and signal handling. Tests use [`Application`] on port 0.
 
 pub mod local_postgres;
@@ -10,6 +10,7 @@ pub mod settings;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,9 +24,12 @@ use api_common::auth::TokenKeys;
 use api_common::error::ApiError;
 use api_common::ids;
 use command_api::CommandState;
-use event_store::subscription::{RunnerConfig, Subscriptions};
+use event_store::subscription::{Consumer, RunnerConfig, Subscriptions};
 use event_store::EventStore;
 use query_api::QueryState;
+use sagas::gateway::simulated::SimulatedGateway;
+use sagas::gateway::PaymentGateway;
+use sagas::runtime::{FulfillmentConsumer, GatewayWorker, SagaConfig};
 
 /// The whole HTTP API over one database.
 pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
@@ -71,6 +75,8 @@ pub struct Parts {
     pub api: bool,
     /// Follow the log with the projections.
     pub projections: bool,
+    /// Run the fulfillment saga: its log consumer and its gateway worker.
+    pub sagas: bool,
 }
 
 impl Parts {
@@ -78,6 +84,14 @@ impl Parts {
     pub const ALL: Self = Self {
         api: true,
         projections: true,
+        sagas: true,
+    };
+
+    /// Nothing; switch on what you need.
+    pub const NONE: Self = Self {
+        api: false,
+        projections: false,
+        sagas: false,
     };
 }
 
@@ -88,6 +102,8 @@ pub struct Application {
     pool: PgPool,
     parts: Parts,
     runner: RunnerConfig,
+    gateway: Arc<dyn PaymentGateway>,
+    saga: SagaConfig,
 }
 
 impl Application {
@@ -116,9 +132,11 @@ impl Application {
         Ok(Self {
             listener,
             router: app(pool.clone(), keys),
+            gateway: Arc::new(SimulatedGateway::new(pool.clone())),
             pool,
             parts,
             runner: RunnerConfig::default(),
+            saga: SagaConfig::default(),
         })
     }
 
@@ -126,6 +144,20 @@ impl Application {
     #[must_use]
     pub fn with_runner_config(mut self, config: RunnerConfig) -> Self {
         self.runner = config;
+        self
+    }
+
+    /// Uses `gateway` as the payment provider instead of the simulated one.
+    #[must_use]
+    pub fn with_gateway(mut self, gateway: Arc<dyn PaymentGateway>) -> Self {
+        self.gateway = gateway;
+        self
+    }
+
+    /// Uses `config` for the fulfillment saga instead of the defaults.
+    #[must_use]
+    pub fn with_saga_config(mut self, config: SagaConfig) -> Self {
+        self.saga = config;
         self
     }
 
@@ -150,10 +182,23 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let subscriptions = self
+        let store = EventStore::new(self.pool.clone());
+        let mut consumers = Vec::new();
+        if self.parts.projections {
+            consumers.extend(projections::consumers());
+        }
+        if self.parts.sagas {
+            consumers.push(
+                Arc::new(FulfillmentConsumer::new(store.clone(), self.saga.timing))
+                    as Arc<dyn Consumer>,
+            );
+        }
+        let subscriptions = (!consumers.is_empty())
+            .then(|| Subscriptions::spawn(&self.pool, consumers, &self.runner));
+        let worker = self
             .parts
-            .projections
-            .then(|| Subscriptions::spawn(&self.pool, projections::consumers(), &self.runner));
+            .sagas
+            .then(|| GatewayWorker::spawn(store, self.gateway.clone(), self.saga.clone()));
         let served = match self.listener {
             Some(listener) => {
                 axum::serve(listener, self.router)
@@ -165,6 +210,9 @@ impl Application {
                 Ok(())
             }
         };
+        if let Some(worker) = worker {
+            worker.shutdown().await;
+        }
         if let Some(subscriptions) = subscriptions {
             subscriptions.shutdown().await;
         }

@@ -1,5 +1,7 @@
-//! `orderline`: serve the API, apply migrations, or mint a token.
+//! `orderline`: serve the API, projections and sagas, apply migrations, rebuild read models, or
+//! mint a token.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,9 +11,14 @@ use tracing_subscriber::EnvFilter;
 use api_common::auth::{Role, TokenKeys};
 use indicatif::{ProgressBar, ProgressStyle};
 use orderline::local_postgres::{self, LocalPostgres};
-use orderline::settings::{Database, Settings};
+use orderline::settings::{Database, Gateway, Settings};
 use orderline::{Application, Parts};
 use projections::rebuild::{self, RebuildLock};
+use sagas::fulfillment::Timing;
+use sagas::gateway::simulated::SimulatedGateway;
+use sagas::gateway::stripe::{StripeConfig, StripeGateway};
+use sagas::gateway::PaymentGateway;
+use sagas::runtime::SagaConfig;
 
 /// orderline: an event-sourced order engine.
 #[derive(Parser)]
@@ -62,6 +69,8 @@ enum Part {
     Api,
     /// The projections following the log (no HTTP listener).
     Projections,
+    /// The fulfillment saga: its log consumer and its gateway worker (no HTTP listener).
+    Sagas,
 }
 
 impl Part {
@@ -70,11 +79,15 @@ impl Part {
             None => Parts::ALL,
             Some(Part::Api) => Parts {
                 api: true,
-                projections: false,
+                ..Parts::NONE
             },
             Some(Part::Projections) => Parts {
-                api: false,
                 projections: true,
+                ..Parts::NONE
+            },
+            Some(Part::Sagas) => Parts {
+                sagas: true,
+                ..Parts::NONE
             },
         }
     }
@@ -194,14 +207,38 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
         .await
         .context("migration failed")?;
     let keys = TokenKeys::hs256(settings.jwt_secret.expose().as_bytes());
+    let gateway: Arc<dyn PaymentGateway> = match &settings.gateway {
+        Gateway::Simulated => Arc::new(SimulatedGateway::new(pool.clone())),
+        Gateway::Stripe { base_url, api_key } => Arc::new(
+            StripeGateway::new(StripeConfig {
+                base_url: base_url.clone(),
+                api_key: api_key.expose().to_owned(),
+                timeout: Duration::from_secs(10),
+            })
+            .context("cannot set up the Stripe client")?,
+        ),
+    };
+    let saga = SagaConfig {
+        timing: Timing {
+            authorization_deadline: chrono::Duration::from_std(settings.authorization_deadline)
+                .context("ORDERLINE_AUTHORIZATION_DEADLINE_SECS is out of range")?,
+            ..Timing::default()
+        },
+        ..SagaConfig::default()
+    };
     let app = Application::new(settings.addr, pool.clone(), keys, parts)
         .await
-        .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        .with_context(|| format!("cannot listen on {}", settings.addr))?
+        .with_gateway(gateway)
+        .with_saga_config(saga);
     if let Ok(addr) = app.local_addr() {
         tracing::info!(%addr, "orderline is listening");
     }
     if parts.projections {
         tracing::info!("projections are following the log");
+    }
+    if parts.sagas {
+        tracing::info!(gateway = ?settings.gateway, "the fulfillment saga is running");
     }
     app.run_until(shutdown_signal()).await?;
     tracing::info!("shutting down");

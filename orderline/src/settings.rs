@@ -54,6 +54,26 @@ pub struct Settings {
     pub jwt_secret_is_default: bool,
     /// Largest number of Postgres connections (`ORDERLINE_DB_POOL_SIZE`).
     pub pool_size: u32,
+    /// The payment provider (`ORDERLINE_PAYMENT_GATEWAY`).
+    pub gateway: Gateway,
+    /// How long an order's payment authorization may take, retries included, before the order
+    /// is rejected with `payment_failed` (`ORDERLINE_AUTHORIZATION_DEADLINE_SECS`).
+    pub authorization_deadline: std::time::Duration,
+}
+
+/// The payment provider the fulfillment saga talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gateway {
+    /// `simulated` (the default): the built-in provider of the documented test tokens.
+    Simulated,
+    /// `stripe`: a Stripe-style HTTP API at `ORDERLINE_STRIPE_BASE_URL` (default
+    /// `https://api.stripe.com`) with the key `ORDERLINE_STRIPE_API_KEY` (required).
+    Stripe {
+        /// Base URL of the API.
+        base_url: String,
+        /// The secret key.
+        api_key: Secret,
+    },
 }
 
 /// A setting that could not be used.
@@ -122,12 +142,45 @@ impl Settings {
                 })?,
             None => 16,
         };
+        let gateway = match get("ORDERLINE_PAYMENT_GATEWAY").as_deref() {
+            None | Some("simulated") => Gateway::Simulated,
+            Some("stripe") => Gateway::Stripe {
+                base_url: get("ORDERLINE_STRIPE_BASE_URL")
+                    .unwrap_or_else(|| "https://api.stripe.com".into()),
+                api_key: Secret::new(get("ORDERLINE_STRIPE_API_KEY").ok_or_else(|| {
+                    SettingsError {
+                        name: "ORDERLINE_STRIPE_API_KEY",
+                        problem: "is required when ORDERLINE_PAYMENT_GATEWAY=stripe".into(),
+                    }
+                })?),
+            },
+            Some(_) => {
+                return Err(SettingsError {
+                    name: "ORDERLINE_PAYMENT_GATEWAY",
+                    problem: "must be simulated or stripe".into(),
+                })
+            }
+        };
+        let authorization_deadline = match get("ORDERLINE_AUTHORIZATION_DEADLINE_SECS") {
+            Some(raw) => raw
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=86_400).contains(n))
+                .map(std::time::Duration::from_secs)
+                .ok_or_else(|| SettingsError {
+                    name: "ORDERLINE_AUTHORIZATION_DEADLINE_SECS",
+                    problem: "must be a number of seconds from 1 to 86400".into(),
+                })?,
+            None => std::time::Duration::from_secs(60),
+        };
         Ok(Self {
             database,
             addr,
             jwt_secret,
             jwt_secret_is_default,
             pool_size,
+            gateway,
+            authorization_deadline,
         })
     }
 }

@@ -23,6 +23,8 @@ use cqrs_es::persist::PersistedEventRepository;
 use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
 use orderline::Parts;
 use postgres_es::PostgresEventRepository;
+use sagas::fulfillment::Timing;
+use sagas::runtime::SagaConfig;
 
 fn server_url() -> String {
     std::env::var("ORDERLINE_TEST_DATABASE_URL")
@@ -57,6 +59,22 @@ pub struct TestApp {
     pub keys: TokenKeys,
     database: String,
     shutdown: Option<oneshot::Sender<()>>,
+    /// Log consumers the server runs (projections, and the saga when it runs).
+    consumers: Vec<&'static str>,
+}
+
+/// The saga's timing in tests: the production rules, with retries quick enough that a test of
+/// a flaky provider takes well under a second.
+pub fn saga_config() -> SagaConfig {
+    SagaConfig {
+        timing: Timing {
+            retry_base: chrono::Duration::milliseconds(20),
+            retry_cap: chrono::Duration::milliseconds(500),
+            ..Timing::default()
+        },
+        idle_poll: Duration::from_millis(100),
+        ..SagaConfig::default()
+    }
 }
 
 impl TestApp {
@@ -68,8 +86,23 @@ impl TestApp {
         Self::spawn_with(Parts::ALL).await
     }
 
+    /// As [`TestApp::spawn`], without the fulfillment saga: for tests that play the saga's part
+    /// themselves (with [`TestApp::execute`]) or count the events of the log exactly.
+    pub async fn spawn_without_sagas() -> Self {
+        Self::spawn_with(Parts {
+            sagas: false,
+            ..Parts::ALL
+        })
+        .await
+    }
+
     /// As [`TestApp::spawn`], running only `parts` (the API always runs).
     pub async fn spawn_with(parts: Parts) -> Self {
+        Self::spawn_configured(parts, saga_config()).await
+    }
+
+    /// As [`TestApp::spawn_with`], with the fulfillment saga configured by `saga`.
+    pub async fn spawn_configured(parts: Parts, saga: SagaConfig) -> Self {
         let parts = Parts { api: true, ..parts };
         let database = format!("orderline_test_{}", Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&server_url())
@@ -95,7 +128,8 @@ impl TestApp {
             parts,
         )
         .await
-        .expect("bind");
+        .expect("bind")
+        .with_saga_config(saga);
         let address = format!("http://{}", app.local_addr().expect("address"));
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async {
@@ -111,13 +145,23 @@ impl TestApp {
             keys,
             database,
             shutdown: Some(tx),
+            consumers: if parts.sagas {
+                vec!["orders", "inventory", "payments", "fulfillment"]
+            } else {
+                vec!["orders", "inventory", "payments"]
+            },
         }
     }
 
     /// Starts a second server on the same database, as a second orderline process would be,
     /// and returns its address. It stops when the test's runtime ends.
     pub async fn spawn_sibling(&self) -> String {
-        let sibling = self.spawn_process(Parts::ALL).await;
+        let sibling = self
+            .spawn_process(Parts {
+                sagas: self.consumers.contains(&"fulfillment"),
+                ..Parts::ALL
+            })
+            .await;
         let address = sibling.address.clone().expect("the API runs");
         std::mem::forget(sibling.stop);
         address
@@ -134,7 +178,8 @@ impl TestApp {
             parts,
         )
         .await
-        .expect("bind");
+        .expect("bind")
+        .with_saga_config(saga_config());
         let address = app.local_addr().ok().map(|a| format!("http://{a}"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
@@ -324,7 +369,8 @@ impl TestApp {
         }
     }
 
-    /// Waits (up to 30 s) until every projection has applied every event in the log.
+    /// Waits (up to 30 s) until every projection (and the saga, when it runs) has applied every
+    /// event in the log and no saga waits on a gateway call: the log is quiet.
     ///
     /// # Panics
     /// When they do not catch up in time.
@@ -335,9 +381,10 @@ impl TestApp {
                           WHERE NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.consumer = p.name))
                       + (SELECT count(*) FROM checkpoints c WHERE c.consumer = ANY($1) AND EXISTS (
                           SELECT 1 FROM events e
-                           WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)))",
+                           WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)))
+                      + (SELECT count(*) FROM sagas WHERE due_at IS NOT NULL)",
             )
-            .bind(vec!["orders", "inventory", "payments"])
+            .bind(&self.consumers)
             .fetch_one(&self.pool)
             .await
             .expect("lag");
@@ -351,11 +398,11 @@ impl TestApp {
             .await
             .expect("state");
             if let Some((consumer, error)) = parked {
-                panic!("projection {consumer} is parked: {error:?}");
+                panic!("consumer {consumer} is parked: {error:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the projections did not catch up");
+        panic!("the projections and sagas did not settle");
     }
 
     /// Every row of `table`, as JSON, ordered by `key`: for byte-for-byte comparisons.

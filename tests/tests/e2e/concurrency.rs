@@ -18,7 +18,7 @@ async fn assert_no_gaps(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thirty_concurrent_restocks_of_one_sku_are_all_applied_once() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("HOT", 1, 0).await;
     let responses = join_all((1..=30).map(|i| app.restock("HOT", i))).await;
     for response in responses {
@@ -42,7 +42,7 @@ async fn thirty_concurrent_restocks_of_one_sku_are_all_applied_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_writing_one_sku_lose_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     let sibling = app.spawn_sibling().await;
     app.register_product("HOT", 1, 0).await;
     let admin = app.admin();
@@ -63,7 +63,7 @@ async fn two_servers_writing_one_sku_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_orders_and_restocks_leave_every_stream_gapless() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     for sku in ["A", "B", "C"] {
         app.register_product(sku, 10, 100).await;
     }

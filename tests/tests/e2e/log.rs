@@ -47,7 +47,7 @@ async fn applied_once(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_open_transaction_stalls_projections_and_never_makes_them_skip() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("SLOW", 1, 0).await;
     for w in 0..8 {
         app.register_product(&format!("W{w}"), 3, 1_000_000).await;
@@ -127,12 +127,12 @@ async fn a_long_open_transaction_stalls_projections_and_never_makes_them_skip() 
 async fn two_processes_apply_each_projection_once_and_take_over_from_each_other() {
     let app = TestApp::spawn_with(Parts {
         api: true,
-        projections: false,
+        ..Parts::NONE
     })
     .await;
     let projections_only = Parts {
-        api: false,
         projections: true,
+        ..Parts::NONE
     };
     app.register_product("A", 1, 1_000_000).await;
     let first = app.spawn_process(projections_only).await;
@@ -376,7 +376,7 @@ proptest! {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let app = TestApp::spawn().await;
+            let app = TestApp::spawn_without_sagas().await;
             let case = Uuid::new_v4();
             for s in 0..3 {
                 run(&app, case, Step::Register(s)).await;

@@ -24,7 +24,7 @@ async fn confirm(app: &TestApp, order_id: &str) {
 
 #[tokio::test]
 async fn placing_an_order_prices_it_from_the_catalog() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1250, 10).await;
     app.register_product("B", 99, 10).await;
     let response = app.place_order("alice", &[("A", 2), ("B", 3)]).await;
@@ -58,7 +58,7 @@ async fn placing_an_order_prices_it_from_the_catalog() {
 
 #[tokio::test]
 async fn the_request_and_correlation_ids_are_kept_on_the_events() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let correlation = Uuid::new_v4().to_string();
     let response = app
@@ -88,7 +88,7 @@ async fn the_request_and_correlation_ids_are_kept_on_the_events() {
 
 #[tokio::test]
 async fn an_order_for_an_unknown_sku_is_422_naming_the_line() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let response = app.place_order("alice", &[("A", 1), ("GHOST", 1)]).await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
@@ -104,7 +104,7 @@ async fn an_order_for_an_unknown_sku_is_422_naming_the_line() {
 
 #[tokio::test]
 async fn the_same_sku_on_two_lines_is_422() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let response = app.place_order("alice", &[("A", 1), ("A", 2)]).await;
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
@@ -116,7 +116,7 @@ async fn the_same_sku_on_two_lines_is_422() {
 
 #[tokio::test]
 async fn the_owner_can_cancel_and_a_second_cancel_changes_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let order_id = app.placed_order("alice", &[("A", 1)]).await;
     let path = format!("/api/v1/orders/{order_id}/cancel");
@@ -148,7 +148,7 @@ async fn the_owner_can_cancel_and_a_second_cancel_changes_nothing() {
 
 #[tokio::test]
 async fn cancelling_needs_no_body() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let order_id = app.placed_order("alice", &[("A", 1)]).await;
     let response = app
@@ -163,7 +163,7 @@ async fn cancelling_needs_no_body() {
 
 #[tokio::test]
 async fn another_customers_order_is_404_and_stays_untouched() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let order_id = app.placed_order("alice", &[("A", 1)]).await;
     let response = app
@@ -189,7 +189,7 @@ async fn another_customers_order_is_404_and_stays_untouched() {
 
 #[tokio::test]
 async fn only_a_confirmed_order_ships() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 10).await;
     let order_id = app.placed_order("alice", &[("A", 1)]).await;
     let path = format!("/api/v1/orders/{order_id}/ship");

@@ -27,7 +27,7 @@ async fn placed(app: &TestApp, customer: &str, lines: &[(&str, i64)]) -> (String
 
 #[tokio::test]
 async fn an_order_can_be_read_back_at_the_position_its_command_answered() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 250, 10).await;
     let (id, at) = placed(&app, "alice", &[("A", 2)]).await;
     let response = app
@@ -53,7 +53,7 @@ async fn an_order_can_be_read_back_at_the_position_its_command_answered() {
 
 #[tokio::test]
 async fn another_customers_order_payment_and_events_are_404() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 250, 10).await;
     let (id, at) = placed(&app, "alice", &[("A", 1)]).await;
     let mallory = app.customer("mallory");
@@ -73,7 +73,7 @@ async fn another_customers_order_payment_and_events_are_404() {
 
 #[tokio::test]
 async fn a_position_not_reached_in_time_is_503_with_retry_after() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     let response = app
         .get("/api/v1/products?min_position=999999", &app.admin())
         .await;
@@ -87,7 +87,7 @@ async fn a_position_not_reached_in_time_is_503_with_retry_after() {
 
 #[tokio::test]
 async fn the_payment_of_an_order_shows_its_attempts() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 250, 10).await;
     let (id, at) = placed(&app, "alice", &[("A", 2)]).await;
     let response = app
@@ -108,7 +108,7 @@ async fn the_payment_of_an_order_shows_its_attempts() {
 
 #[tokio::test]
 async fn the_catalog_and_stock_levels_follow_reservations() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 250, 5).await;
     app.register_product("B", 100, 50).await;
     let order = OrderId::from(Uuid::new_v4());
@@ -185,7 +185,7 @@ async fn all_pages(app: &TestApp, token: &str, query: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn order_pages_stay_stable_while_orders_are_placed() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 100_000).await;
     let mut before = Vec::new();
     for _ in 0..25 {
@@ -207,7 +207,7 @@ async fn order_pages_stay_stable_while_orders_are_placed() {
 
 #[tokio::test]
 async fn lists_filter_by_status_and_customer() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 100).await;
     let (cancelled, _) = placed(&app, "alice", &[("A", 1)]).await;
     placed(&app, "alice", &[("A", 1)]).await;
@@ -235,7 +235,7 @@ async fn lists_filter_by_status_and_customer() {
 
 #[tokio::test]
 async fn an_orders_events_come_with_their_metadata_oldest_first() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 100).await;
     let (id, _) = placed(&app, "alice", &[("A", 1)]).await;
     app.post(
@@ -265,7 +265,7 @@ async fn an_orders_events_come_with_their_metadata_oldest_first() {
 
 #[tokio::test]
 async fn status_updates_stream_until_the_order_is_final() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 100).await;
     let (id, at) = placed(&app, "alice", &[("A", 1)]).await;
     let mut response = app

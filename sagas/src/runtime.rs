@@ -1,0 +1,598 @@
+//! Runs the fulfillment saga against Postgres and a payment gateway.
+//!
+//! Two parts, both safe to run in several processes at once:
+//! - [`FulfillmentConsumer`] follows the global log through the checkpointed subscription runner
+//!   (one leader at a time). On `OrderPlaced`, `OrderCancelled` and `OrderShipped` it advances
+//!   the saga and sends the aggregate commands that follow (reservations, payment request,
+//!   rejection, releases, ...) in the page's transaction: saga row, events and checkpoint commit
+//!   together, so a step is done exactly once whatever crashes.
+//! - [`GatewayWorker`] makes the gateway calls sagas wait on, when due. A call cannot be inside
+//!   a transaction (it is slow, and an open transaction would hold back every log reader), so the
+//!   worker holds a session advisory lock on the saga while it calls, then records the answer
+//!   and the commands that follow in one transaction. If it dies in between, the lock goes with
+//!   its connection and the call is made again with the same idempotency key: the provider
+//!   answers as before and charges nothing twice.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use uuid::Uuid;
+
+use aggregates::inventory::{Product, ProductCommand, ProductError};
+use aggregates::order::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus};
+use aggregates::payment::{Payment, PaymentCommand, PaymentError};
+use aggregates::values::{OrderId, Sku};
+use event_store::log::LogEvent;
+use event_store::subscription::{Consumer, ConsumerError};
+use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
+
+use crate::fulfillment::{
+    Action, Fulfillment, GatewayAnswer, GatewayOp, Outcome, PaymentRecord, Timing,
+};
+use crate::gateway::{GatewayError, PaymentGateway};
+use crate::store;
+
+/// The consumer name (checkpoint and lease key) of the saga.
+pub const CONSUMER_NAME: &str = "fulfillment";
+
+/// The NOTIFY channel that announces a due gateway call (see the `sagas` migration).
+pub const DUE_CHANNEL: &str = "orderline_saga_due";
+
+/// Advisory lock class of a saga whose gateway call is in flight.
+const CALL_LOCK_CLASS: i32 = 8105;
+
+/// Environment variable naming a point at which the process aborts, for crash tests:
+/// `before_gateway_call`, `after_gateway_call` or `after_gateway_record`.
+pub const CRASH_AT_ENV: &str = "ORDERLINE_SAGA_CRASH_AT";
+
+/// How the saga runs.
+#[derive(Debug, Clone)]
+pub struct SagaConfig {
+    /// Deadlines, retries and when to give up.
+    pub timing: Timing,
+    /// Gateway calls in flight at once in this process (each holds a connection).
+    pub concurrency: usize,
+    /// Longest sleep of the gateway worker when no NOTIFY arrives.
+    pub idle_poll: Duration,
+}
+
+impl Default for SagaConfig {
+    fn default() -> Self {
+        Self {
+            timing: Timing::default(),
+            concurrency: 8,
+            idle_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What performing one action amounted to.
+enum Performed {
+    /// An aggregate command ran; report its outcome to the saga.
+    Outcome(Outcome),
+    /// An aggregate refused in a way the saga does not foresee; park it.
+    Halt(String),
+    /// The saga waits (for a gateway call or an order event).
+    Stop,
+}
+
+/// Advances `saga` as far as it goes without the gateway, sending its aggregate commands in
+/// `conn`'s transaction.
+async fn drive(
+    store: &EventStore,
+    conn: &mut PgConnection,
+    saga: &mut Fulfillment,
+    timing: &Timing,
+) -> Result<(), StoreError> {
+    // Each step moves the saga strictly forward; a few hundred bound even a 100-line order
+    // reserved and released. Hitting the bound means a bug, and the saga is parked, not spun.
+    for _ in 0..1000 {
+        let now = Utc::now();
+        let action = saga.next(now);
+        match perform(store, conn, saga, &action).await? {
+            Performed::Outcome(outcome) => saga.record(&action, outcome, timing, now),
+            Performed::Halt(why) => {
+                tracing::error!(order_id = %saga.order_id(), why, "saga parked");
+                saga.halt(why, now);
+                return Ok(());
+            }
+            Performed::Stop => return Ok(()),
+        }
+    }
+    saga.halt("the saga did not settle in 1000 steps", Utc::now());
+    Ok(())
+}
+
+/// Sends the aggregate command behind `action`.
+async fn perform(
+    store: &EventStore,
+    conn: &mut PgConnection,
+    saga: &Fulfillment,
+    action: &Action,
+) -> Result<Performed, StoreError> {
+    let order_id = saga.order_id();
+    let order = order_id.to_string();
+    let meta = |step: &str| metadata(saga, step);
+    let performed = match action {
+        Action::Call { .. } | Action::Wait => Performed::Stop,
+        Action::Reserve { sku, quantity } => {
+            let command = ProductCommand::Reserve {
+                order_id,
+                quantity: *quantity,
+            };
+            match run::<Product>(
+                store,
+                conn,
+                sku.as_str(),
+                command,
+                &meta(&step("reserve", sku)),
+            )
+            .await?
+            {
+                Ok(()) => Performed::Outcome(Outcome::Done),
+                // A SKU that vanished from the catalog cannot be delivered either.
+                Err(ProductError::OutOfStock { .. } | ProductError::NotRegistered) => {
+                    Performed::Outcome(Outcome::Refused)
+                }
+                Err(other) => Performed::Halt(format!("reserving {sku}: {other}")),
+            }
+        }
+        Action::Release { sku } => {
+            let command = ProductCommand::Release { order_id };
+            done_or_halt(
+                run::<Product>(
+                    store,
+                    conn,
+                    sku.as_str(),
+                    command,
+                    &meta(&step("release", sku)),
+                )
+                .await?,
+                "releasing",
+            )
+        }
+        Action::CommitReservation { sku } => {
+            let command = ProductCommand::CommitReservation { order_id };
+            done_or_halt(
+                run::<Product>(
+                    store,
+                    conn,
+                    sku.as_str(),
+                    command,
+                    &meta(&step("commit", sku)),
+                )
+                .await?,
+                "committing",
+            )
+        }
+        Action::RequestPayment { amount, token } => {
+            let command = PaymentCommand::Request {
+                order_id,
+                amount: *amount,
+                token: token.clone(),
+            };
+            match run::<Payment>(store, conn, &order, command, &meta("request-payment")).await? {
+                Ok(()) | Err(PaymentError::AlreadyRequested) => Performed::Outcome(Outcome::Done),
+                Err(other) => Performed::Halt(format!("requesting payment: {other}")),
+            }
+        }
+        Action::Record(record) => {
+            let (command, name) = match record {
+                PaymentRecord::Attempt {
+                    attempt_id,
+                    outcome,
+                } => (
+                    PaymentCommand::RecordAttempt {
+                        attempt_id: attempt_id.clone(),
+                        outcome: outcome.clone(),
+                    },
+                    format!("record/{attempt_id}"),
+                ),
+                PaymentRecord::Voided => (PaymentCommand::Void, "record/void".to_owned()),
+                PaymentRecord::Captured => (
+                    PaymentCommand::Capture {
+                        amount: saga.amount(),
+                    },
+                    "record/capture".to_owned(),
+                ),
+                PaymentRecord::Refunded => (
+                    PaymentCommand::Refund {
+                        amount: saga.amount(),
+                    },
+                    "record/refund".to_owned(),
+                ),
+            };
+            done_or_halt(
+                run::<Payment>(store, conn, &order, command, &meta(&name)).await?,
+                "recording the payment",
+            )
+        }
+        Action::ConfirmOrder => order_outcome(
+            run::<Order>(store, conn, &order, OrderCommand::Confirm, &meta("confirm")).await?,
+            "confirming",
+        ),
+        Action::RejectOrder { reason } => order_outcome(
+            run::<Order>(
+                store,
+                conn,
+                &order,
+                OrderCommand::Reject { reason: *reason },
+                &meta("reject"),
+            )
+            .await?,
+            "rejecting",
+        ),
+    };
+    Ok(performed)
+}
+
+fn step(what: &str, sku: &Sku) -> String {
+    format!("{what}/{sku}")
+}
+
+fn done_or_halt<E: std::fmt::Display>(result: Result<(), E>, doing: &str) -> Performed {
+    match result {
+        Ok(()) => Performed::Outcome(Outcome::Done),
+        Err(e) => Performed::Halt(format!("{doing}: {e}")),
+    }
+}
+
+/// A confirmation or rejection refused because the order was cancelled meanwhile is an
+/// expected race, reported to the saga; anything else parks it.
+fn order_outcome(result: Result<(), OrderError>, doing: &str) -> Performed {
+    match result {
+        Ok(()) => Performed::Outcome(Outcome::Done),
+        Err(OrderError::CannotConfirm(OrderStatus::Cancelled))
+        | Err(OrderError::CannotReject(OrderStatus::Cancelled)) => {
+            Performed::Outcome(Outcome::Refused)
+        }
+        Err(e) => Performed::Halt(format!("{doing}: {e}")),
+    }
+}
+
+async fn run<A: StoredAggregate<Services = ()>>(
+    store: &EventStore,
+    conn: &mut PgConnection,
+    id: &str,
+    command: A::Command,
+    metadata: &Metadata,
+) -> Result<Result<(), A::Error>, StoreError> {
+    Ok(store
+        .execute_in::<A>(conn, id, command, metadata)
+        .await?
+        .map(|_| ()))
+}
+
+/// The metadata of a saga command. The request id names the saga and the step
+/// (`saga:{order}/{step}`), and the causation id is derived from it: both are the same however
+/// often the step is tried.
+fn metadata(saga: &Fulfillment, step: &str) -> Metadata {
+    let request_id = format!("saga:{}/{step}", saga.order_id());
+    Metadata {
+        correlation_id: saga.correlation_id(),
+        causation_id: Uuid::new_v5(&Uuid::NAMESPACE_OID, request_id.as_bytes()),
+        actor_sub: CONSUMER_NAME.to_owned(),
+        actor_role: "service".to_owned(),
+        request_id,
+    }
+}
+
+/// Aborts the process if the crash-test variable names `point`.
+fn crash_point(point: &str) {
+    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point) {
+        tracing::error!(point, "crash requested by {CRASH_AT_ENV}");
+        std::process::abort();
+    }
+}
+
+/// The saga's log consumer. Guarantee: transactional (saga rows and commands commit with the
+/// checkpoint).
+pub struct FulfillmentConsumer {
+    store: EventStore,
+    timing: Timing,
+}
+
+impl FulfillmentConsumer {
+    /// A consumer writing through `store`.
+    pub fn new(store: EventStore, timing: Timing) -> Self {
+        Self { store, timing }
+    }
+
+    async fn advance(
+        &self,
+        tx: &mut PgConnection,
+        order_id: OrderId,
+        change: impl FnOnce(&mut Fulfillment),
+    ) -> Result<(), ConsumerError> {
+        let Some(mut saga) = store::lock(tx, order_id).await? else {
+            // Orders placed before the saga existed have no saga; nothing to compensate.
+            tracing::warn!(%order_id, "order event without a saga; ignored");
+            return Ok(());
+        };
+        change(&mut saga);
+        drive(&self.store, tx, &mut saga, &self.timing).await?;
+        store::save(tx, &saga).await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Consumer for FulfillmentConsumer {
+    fn name(&self) -> &str {
+        CONSUMER_NAME
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError> {
+        for event in events {
+            if event.aggregate_type != <Order as cqrs_es::Aggregate>::TYPE {
+                continue;
+            }
+            let now = Utc::now();
+            match event.decode::<OrderEvent>()? {
+                OrderEvent::OrderPlaced {
+                    order_id,
+                    lines,
+                    total,
+                    payment_token,
+                    ..
+                } => {
+                    let correlation_id = serde_json::from_str::<Metadata>(event.metadata.get())
+                        .map(|m| m.correlation_id)
+                        .unwrap_or(event.event_id);
+                    let mut saga = Fulfillment::start(
+                        order_id,
+                        correlation_id,
+                        &lines,
+                        total,
+                        payment_token,
+                        now,
+                    );
+                    if !store::insert(tx, &saga).await? {
+                        continue;
+                    }
+                    drive(&self.store, tx, &mut saga, &self.timing).await?;
+                    store::save(tx, &saga).await?;
+                }
+                OrderEvent::OrderCancelled { .. } => {
+                    let id = order_id_of(event)?;
+                    self.advance(tx, id, |s| s.on_cancelled(now)).await?;
+                }
+                OrderEvent::OrderShipped { .. } => {
+                    let id = order_id_of(event)?;
+                    self.advance(tx, id, |s| s.on_shipped(now)).await?;
+                }
+                OrderEvent::OrderConfirmed | OrderEvent::OrderRejected { .. } => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn order_id_of(event: &LogEvent) -> Result<OrderId, ConsumerError> {
+    Ok(OrderId::from(Uuid::parse_str(&event.aggregate_id)?))
+}
+
+/// The gateway worker running in this process; [`GatewayWorker::shutdown`] stops it.
+pub struct GatewayWorker {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+struct Worker {
+    pool: PgPool,
+    store: EventStore,
+    gateway: Arc<dyn PaymentGateway>,
+    config: SagaConfig,
+    in_flight: Mutex<HashSet<OrderId>>,
+}
+
+impl GatewayWorker {
+    /// Starts the worker. It opens its own connections (up to `config.concurrency + 1`) to
+    /// `store`'s database, so calls in flight never starve the API's pool.
+    pub fn spawn(store: EventStore, gateway: Arc<dyn PaymentGateway>, config: SagaConfig) -> Self {
+        let options = (*store.pool().connect_options()).clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(u32::try_from(config.concurrency + 1).unwrap_or(u32::MAX))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
+        let (stop, stopped) = watch::channel(false);
+        let worker = Arc::new(Worker {
+            pool,
+            store,
+            gateway,
+            config,
+            in_flight: Mutex::new(HashSet::new()),
+        });
+        Self {
+            task: tokio::spawn(worker.run(stopped)),
+            stop,
+        }
+    }
+
+    /// Stops taking calls, lets the calls in flight finish, and returns.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the gateway worker failed");
+        }
+    }
+}
+
+impl Worker {
+    async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(mut l) => match l.listen(DUE_CHANNEL).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN; the gateway worker polls");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN; the gateway worker polls");
+                None
+            }
+        };
+        let mut tasks = JoinSet::new();
+        while !*stopped.borrow() {
+            let free = self.config.concurrency.saturating_sub(tasks.len());
+            let mut wait = self.config.idle_poll;
+            if free > 0 {
+                match self.claimable(free).await {
+                    Ok(ids) if !ids.is_empty() => {
+                        for id in ids {
+                            tasks.spawn(self.clone().work(id));
+                        }
+                        continue;
+                    }
+                    Ok(_) => {
+                        if let Ok(Some(next)) = store::next_due(&self.pool).await {
+                            let until = (next - Utc::now()).to_std().unwrap_or_default();
+                            wait = wait.min(until.max(Duration::from_millis(5)));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read due sagas"),
+                }
+            }
+            tokio::select! {
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = notified(listener.as_mut()) => {}
+                _ = stopped.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Due sagas not already in flight here, at most `free`; marks them in flight.
+    async fn claimable(&self, free: usize) -> sqlx::Result<Vec<OrderId>> {
+        let due = store::due(&self.pool, i64::try_from(free * 2).unwrap_or(64)).await?;
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(due
+            .into_iter()
+            .filter(|id| in_flight.insert(*id))
+            .take(free)
+            .collect())
+    }
+
+    async fn work(self: Arc<Self>, order_id: OrderId) {
+        if let Err(e) = self.work_locked(order_id).await {
+            tracing::warn!(%order_id, error = %e, "gateway step failed; it will be retried");
+        }
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.remove(&order_id);
+    }
+
+    /// Takes the saga's call lock, does its step, and lets go of the lock.
+    async fn work_locked(&self, order_id: OrderId) -> Result<(), ConsumerError> {
+        let mut conn = self.pool.acquire().await?;
+        let key = order_id.to_string();
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(CALL_LOCK_CLASS)
+            .bind(&key)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            // Another process is calling for this saga.
+            return Ok(());
+        }
+        let result = self.step(&mut conn, order_id).await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(CALL_LOCK_CLASS)
+            .bind(&key)
+            .execute(&mut *conn)
+            .await;
+        if unlocked.is_err() {
+            // Closing the connection releases the lock for sure.
+            drop(conn.detach());
+        }
+        result
+    }
+
+    async fn step(&self, conn: &mut PgConnection, order_id: OrderId) -> Result<(), ConsumerError> {
+        let timing = &self.config.timing;
+        let Some(mut saga) = store::read(conn, order_id).await? else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        if saga.due().is_none_or(|due| due > now) {
+            // Done or rescheduled by someone else since it was listed.
+            return Ok(());
+        }
+        let op = saga.pending_call(now);
+        let answer = match op {
+            Some(op) => {
+                crash_point("before_gateway_call");
+                let answer = call(self.gateway.as_ref(), &saga, op).await;
+                crash_point("after_gateway_call");
+                Some((op, answer))
+            }
+            None => None,
+        };
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let Some(mut saga) = store::lock(&mut tx, order_id).await? else {
+            return Ok(());
+        };
+        if let Some((op, answer)) = answer {
+            tracing::debug!(%order_id, ?op, ?answer, "gateway answered");
+            saga.on_gateway(op, answer, timing, Utc::now());
+        }
+        drive(&self.store, &mut tx, &mut saga, timing).await?;
+        store::save(&mut tx, &saga).await?;
+        tx.commit().await?;
+        crash_point("after_gateway_record");
+        Ok(())
+    }
+}
+
+async fn notified(listener: Option<&mut PgListener>) {
+    match listener {
+        Some(l) => {
+            if l.recv().await.is_err() {
+                // The listener reconnects on its next recv; do not spin meanwhile.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes the gateway call `op` for `saga`, with the op's idempotency key.
+async fn call(gateway: &dyn PaymentGateway, saga: &Fulfillment, op: GatewayOp) -> GatewayAnswer {
+    let key = op.key(saga.order_id());
+    let settled = |result: Result<(), GatewayError>| match result {
+        Ok(()) => GatewayAnswer::Done,
+        Err(e) => GatewayAnswer::Failed(e),
+    };
+    let no_reference =
+        || GatewayAnswer::Failed(GatewayError::Permanent("no authorization reference".into()));
+    match op {
+        GatewayOp::Authorize => match gateway.authorize(&key, saga.token(), saga.amount()).await {
+            Ok(decision) => GatewayAnswer::Decided(decision),
+            Err(e) => GatewayAnswer::Failed(e),
+        },
+        GatewayOp::Retrieve => match gateway.retrieve(&key).await {
+            Ok(Some(decision)) => GatewayAnswer::Decided(decision),
+            Ok(None) => GatewayAnswer::NotFound,
+            Err(e) => GatewayAnswer::Failed(e),
+        },
+        GatewayOp::Void => match saga.reference() {
+            Some(reference) => settled(gateway.void(&key, reference).await),
+            None => no_reference(),
+        },
+        GatewayOp::Capture => match saga.reference() {
+            Some(reference) => settled(gateway.capture(&key, reference, saga.amount()).await),
+            None => no_reference(),
+        },
+        GatewayOp::Refund => match saga.reference() {
+            Some(reference) => settled(gateway.refund(&key, reference, saga.amount()).await),
+            None => no_reference(),
+        },
+    }
+}

@@ -1,0 +1,257 @@
+//! Saga rows: one per order in the `sagas` table, holding the [`Fulfillment`] as JSON beside the
+//! columns operators and the gateway worker search by (state, due time, deadline).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use aggregates::values::OrderId;
+
+use crate::fulfillment::{Entry, Fulfillment, Goal, PaymentProgress, SagaState};
+
+/// Inserts a new saga; `false` if the order has one already (its start was seen before).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn insert(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO sagas (order_id, state, due_at, deadline, data) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(saga.order_id().as_uuid())
+    .bind(saga.state().as_str())
+    .bind(saga.due())
+    .bind(saga.deadline())
+    .bind(sqlx::types::Json(saga))
+    .execute(conn)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Reads a saga and locks its row until the transaction ends.
+///
+/// # Errors
+/// The database error; a row that does not deserialize is reported as `sqlx::Error::Decode`.
+pub async fn lock(conn: &mut PgConnection, order_id: OrderId) -> sqlx::Result<Option<Fulfillment>> {
+    let row: Option<sqlx::types::Json<Fulfillment>> =
+        sqlx::query_scalar("SELECT data FROM sagas WHERE order_id = $1 FOR UPDATE")
+            .bind(order_id.as_uuid())
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.map(|json| json.0))
+}
+
+/// Reads a saga without locking it, with the time its pending call is due.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn read(conn: &mut PgConnection, order_id: OrderId) -> sqlx::Result<Option<Fulfillment>> {
+    let row: Option<sqlx::types::Json<Fulfillment>> =
+        sqlx::query_scalar("SELECT data FROM sagas WHERE order_id = $1")
+            .bind(order_id.as_uuid())
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.map(|json| json.0))
+}
+
+/// Writes a saga back (its row must exist).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn save(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE sagas SET state = $2, due_at = $3, deadline = $4, data = $5, updated_at = now()
+          WHERE order_id = $1",
+    )
+    .bind(saga.order_id().as_uuid())
+    .bind(saga.state().as_str())
+    .bind(saga.due())
+    .bind(saga.deadline())
+    .bind(sqlx::types::Json(saga))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Orders whose pending gateway call is due, most overdue first.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<OrderId>> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT order_id FROM sagas WHERE due_at <= now() ORDER BY due_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(OrderId::from).collect())
+}
+
+/// When the next call falls due, if any is pending.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn next_due(pool: &PgPool) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("SELECT min(due_at) FROM sagas")
+        .fetch_one(pool)
+        .await
+}
+
+/// One saga as operators see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SagaView {
+    /// The order.
+    pub order_id: Uuid,
+    /// Overall state.
+    pub state: SagaState,
+    /// What it works towards.
+    pub goal: Goal,
+    /// Each step and its status.
+    pub steps: Vec<StepView>,
+    /// Where the payment is.
+    pub payment: PaymentProgress,
+    /// When the pending gateway call may run.
+    pub due_at: Option<DateTime<Utc>>,
+    /// When authorization gives up.
+    pub deadline: Option<DateTime<Utc>>,
+    /// The last error met.
+    pub last_error: Option<String>,
+    /// What happened, oldest first.
+    pub history: Vec<Entry>,
+    /// When the saga started.
+    pub started_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One step of a saga.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepView {
+    /// `reserve_stock`, `authorize_payment` or `confirm_order`.
+    pub name: &'static str,
+    /// Where it is (e.g. `reserved`, `authorizing`, `voided`).
+    pub status: &'static str,
+}
+
+/// A page of sagas, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct SagaPage {
+    /// The sagas.
+    pub items: Vec<SagaView>,
+    /// Pass as `cursor` for the next page; `None` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+type SagaRow = (sqlx::types::Json<Fulfillment>, DateTime<Utc>, DateTime<Utc>);
+
+fn view((data, started_at, updated_at): SagaRow) -> SagaView {
+    let saga = data.0;
+    SagaView {
+        order_id: saga.order_id().as_uuid(),
+        state: saga.state(),
+        goal: saga.goal(),
+        steps: saga
+            .steps()
+            .into_iter()
+            .map(|(name, status)| StepView { name, status })
+            .collect(),
+        payment: saga.payment().clone(),
+        due_at: saga.due(),
+        deadline: saga.deadline(),
+        last_error: saga.last_error().map(str::to_owned),
+        history: saga.history().to_vec(),
+        started_at,
+        updated_at,
+    }
+}
+
+/// Lists sagas, optionally in one state, newest first; `cursor` is a previous page's
+/// `next_cursor`.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn list(
+    pool: &PgPool,
+    state: Option<SagaState>,
+    limit: i64,
+    cursor: Option<(DateTime<Utc>, Uuid)>,
+) -> sqlx::Result<SagaPage> {
+    let rows: Vec<(sqlx::types::Json<Fulfillment>, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT data, started_at, updated_at FROM sagas
+          WHERE ($1::text IS NULL OR state = $1)
+            AND ($2::timestamptz IS NULL OR (started_at, order_id) < ($2, $3))
+          ORDER BY started_at DESC, order_id DESC
+          LIMIT $4",
+    )
+    .bind(state.map(SagaState::as_str))
+    .bind(cursor.map(|c| c.0))
+    .bind(cursor.map(|c| c.1))
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    let items: Vec<SagaView> = rows
+        .into_iter()
+        .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        .map(view)
+        .collect();
+    let next_cursor = if more {
+        items
+            .last()
+            .map(|last| format!("{}_{}", last.started_at.to_rfc3339(), last.order_id))
+    } else {
+        None
+    };
+    Ok(SagaPage { items, next_cursor })
+}
+
+/// Parses a `next_cursor` of [`list`].
+pub fn parse_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    let (at, id) = raw.rsplit_once('_')?;
+    Some((
+        DateTime::parse_from_rfc3339(at).ok()?.with_timezone(&Utc),
+        Uuid::parse_str(id).ok()?,
+    ))
+}
+
+/// One saga, for operators.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn get(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<SagaView>> {
+    let row: Option<SagaRow> =
+        sqlx::query_as("SELECT data, started_at, updated_at FROM sagas WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(view))
+}
+
+/// What [`retry`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retried {
+    /// The saga was stuck and is due again now.
+    Yes,
+    /// The saga is not stuck; nothing changed.
+    NotStuck,
+    /// No saga for this order.
+    NotFound,
+}
+
+/// An operator's retry of a stuck saga: its pending step runs again at once.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn retry(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Retried> {
+    let mut tx = pool.begin().await?;
+    let Some(mut saga) = lock(&mut tx, OrderId::from(order_id)).await? else {
+        return Ok(Retried::NotFound);
+    };
+    if !saga.retry(Utc::now()) {
+        return Ok(Retried::NotStuck);
+    }
+    save(&mut tx, &saga).await?;
+    tx.commit().await?;
+    Ok(Retried::Yes)
+}
