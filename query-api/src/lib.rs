@@ -9,6 +9,7 @@ pub mod admin;
 pub mod catalog;
 pub mod orders;
 pub mod payments;
+pub mod sagas;
 
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ pub fn router(state: QueryState) -> Router {
             "/api/v1/admin/projections/{name}/rebuild",
             post(admin::rebuild),
         )
+        .route("/api/v1/admin/sagas", get(sagas::list))
+        .route("/api/v1/admin/sagas/{order_id}", get(sagas::one))
+        .route("/api/v1/admin/sagas/{order_id}/retry", post(sagas::retry))
         .with_state(state)
 }
 

@@ -22,8 +22,9 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use aggregates::order::{OrderLine, RejectionReason};
-use aggregates::payment::AttemptOutcome;
+use aggregates::inventory::{ProductCommand, ProductError};
+use aggregates::order::{OrderCommand, OrderError, OrderLine, OrderStatus, RejectionReason};
+use aggregates::payment::{AttemptOutcome, PaymentCommand, PaymentError};
 use aggregates::values::{Money, OrderId, PaymentToken, Quantity, Sku};
 
 use crate::gateway::{Authorization, GatewayError};
@@ -226,6 +227,56 @@ pub enum Outcome {
     /// Refused for a business reason: out of stock for a reservation, order already cancelled
     /// for a confirmation or rejection.
     Refused,
+}
+
+/// An aggregate command of the saga, addressed to its aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// To the inventory aggregate of `sku`.
+    Product {
+        /// The SKU.
+        sku: Sku,
+        /// The command.
+        command: ProductCommand,
+    },
+    /// To the order.
+    Order(OrderCommand),
+    /// To the order's payment.
+    Payment(PaymentCommand),
+}
+
+/// How the saga reads an aggregate's answer: an [`Outcome`], or the reason to park the saga
+/// when the refusal is not one the process foresees.
+pub type Verdict = Result<Outcome, String>;
+
+/// Reads an inventory aggregate's answer. Running out of stock (or a SKU that left the
+/// catalog) refuses a reservation; any other refusal parks the saga.
+pub fn product_verdict(result: Result<(), ProductError>) -> Verdict {
+    match result {
+        Ok(()) => Ok(Outcome::Done),
+        Err(ProductError::OutOfStock { .. } | ProductError::NotRegistered) => Ok(Outcome::Refused),
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+/// Reads the order's answer. A confirmation or rejection refused because the order was
+/// cancelled meanwhile is an expected race; any other refusal parks the saga.
+pub fn order_verdict(result: Result<(), OrderError>) -> Verdict {
+    match result {
+        Ok(()) => Ok(Outcome::Done),
+        Err(OrderError::CannotConfirm(OrderStatus::Cancelled))
+        | Err(OrderError::CannotReject(OrderStatus::Cancelled)) => Ok(Outcome::Refused),
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+/// Reads the payment's answer. A payment requested already was requested by this saga; any
+/// other refusal parks the saga.
+pub fn payment_verdict(result: Result<(), PaymentError>) -> Verdict {
+    match result {
+        Ok(()) | Err(PaymentError::AlreadyRequested) => Ok(Outcome::Done),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 /// The saga's overall state, for operators.
@@ -625,6 +676,77 @@ impl Fulfillment {
             Action::Call { op, .. } => Some(op),
             _ => None,
         }
+    }
+
+    /// The aggregate command behind `action` and the step's name (`reserve/SKU`, `confirm`,
+    /// `record/{attempt id}`, ...), which with the order id makes the command's deterministic
+    /// id. `None` for a gateway call or a wait.
+    pub fn command(&self, action: &Action) -> Option<(String, Command)> {
+        let order_id = self.order_id;
+        let product = |sku: &Sku, command| Command::Product {
+            sku: sku.clone(),
+            command,
+        };
+        Some(match action {
+            Action::Call { .. } | Action::Wait => return None,
+            Action::Reserve { sku, quantity } => (
+                format!("reserve/{sku}"),
+                product(
+                    sku,
+                    ProductCommand::Reserve {
+                        order_id,
+                        quantity: *quantity,
+                    },
+                ),
+            ),
+            Action::Release { sku } => (
+                format!("release/{sku}"),
+                product(sku, ProductCommand::Release { order_id }),
+            ),
+            Action::CommitReservation { sku } => (
+                format!("commit/{sku}"),
+                product(sku, ProductCommand::CommitReservation { order_id }),
+            ),
+            Action::RequestPayment { amount, token } => (
+                "request-payment".to_owned(),
+                Command::Payment(PaymentCommand::Request {
+                    order_id,
+                    amount: *amount,
+                    token: token.clone(),
+                }),
+            ),
+            Action::Record(PaymentRecord::Attempt {
+                attempt_id,
+                outcome,
+            }) => (
+                format!("record/{attempt_id}"),
+                Command::Payment(PaymentCommand::RecordAttempt {
+                    attempt_id: attempt_id.clone(),
+                    outcome: outcome.clone(),
+                }),
+            ),
+            Action::Record(PaymentRecord::Voided) => (
+                "record/void".to_owned(),
+                Command::Payment(PaymentCommand::Void),
+            ),
+            Action::Record(PaymentRecord::Captured) => (
+                "record/capture".to_owned(),
+                Command::Payment(PaymentCommand::Capture {
+                    amount: self.amount,
+                }),
+            ),
+            Action::Record(PaymentRecord::Refunded) => (
+                "record/refund".to_owned(),
+                Command::Payment(PaymentCommand::Refund {
+                    amount: self.amount,
+                }),
+            ),
+            Action::ConfirmOrder => ("confirm".to_owned(), Command::Order(OrderCommand::Confirm)),
+            Action::RejectOrder { reason } => (
+                "reject".to_owned(),
+                Command::Order(OrderCommand::Reject { reason: *reason }),
+            ),
+        })
     }
 
     /// Reports how the aggregate action [`Fulfillment::next`] answered ended.

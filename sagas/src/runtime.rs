@@ -24,16 +24,17 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use uuid::Uuid;
 
-use aggregates::inventory::{Product, ProductCommand, ProductError};
-use aggregates::order::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus};
-use aggregates::payment::{Payment, PaymentCommand, PaymentError};
-use aggregates::values::{OrderId, Sku};
+use aggregates::inventory::Product;
+use aggregates::order::{Order, OrderEvent};
+use aggregates::payment::Payment;
+use aggregates::values::OrderId;
 use event_store::log::LogEvent;
 use event_store::subscription::{Consumer, ConsumerError};
 use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
 
 use crate::fulfillment::{
-    Action, Fulfillment, GatewayAnswer, GatewayOp, Outcome, PaymentRecord, Timing,
+    order_verdict, payment_verdict, product_verdict, Action, Command, Fulfillment, GatewayAnswer,
+    GatewayOp, Outcome, Timing,
 };
 use crate::gateway::{GatewayError, PaymentGateway};
 use crate::store;
@@ -116,144 +117,26 @@ async fn perform(
     saga: &Fulfillment,
     action: &Action,
 ) -> Result<Performed, StoreError> {
-    let order_id = saga.order_id();
-    let order = order_id.to_string();
-    let meta = |step: &str| metadata(saga, step);
-    let performed = match action {
-        Action::Call { .. } | Action::Wait => Performed::Stop,
-        Action::Reserve { sku, quantity } => {
-            let command = ProductCommand::Reserve {
-                order_id,
-                quantity: *quantity,
-            };
-            match run::<Product>(
-                store,
-                conn,
-                sku.as_str(),
-                command,
-                &meta(&step("reserve", sku)),
-            )
-            .await?
-            {
-                Ok(()) => Performed::Outcome(Outcome::Done),
-                // A SKU that vanished from the catalog cannot be delivered either.
-                Err(ProductError::OutOfStock { .. } | ProductError::NotRegistered) => {
-                    Performed::Outcome(Outcome::Refused)
-                }
-                Err(other) => Performed::Halt(format!("reserving {sku}: {other}")),
-            }
-        }
-        Action::Release { sku } => {
-            let command = ProductCommand::Release { order_id };
-            done_or_halt(
-                run::<Product>(
-                    store,
-                    conn,
-                    sku.as_str(),
-                    command,
-                    &meta(&step("release", sku)),
-                )
-                .await?,
-                "releasing",
-            )
-        }
-        Action::CommitReservation { sku } => {
-            let command = ProductCommand::CommitReservation { order_id };
-            done_or_halt(
-                run::<Product>(
-                    store,
-                    conn,
-                    sku.as_str(),
-                    command,
-                    &meta(&step("commit", sku)),
-                )
-                .await?,
-                "committing",
-            )
-        }
-        Action::RequestPayment { amount, token } => {
-            let command = PaymentCommand::Request {
-                order_id,
-                amount: *amount,
-                token: token.clone(),
-            };
-            match run::<Payment>(store, conn, &order, command, &meta("request-payment")).await? {
-                Ok(()) | Err(PaymentError::AlreadyRequested) => Performed::Outcome(Outcome::Done),
-                Err(other) => Performed::Halt(format!("requesting payment: {other}")),
-            }
-        }
-        Action::Record(record) => {
-            let (command, name) = match record {
-                PaymentRecord::Attempt {
-                    attempt_id,
-                    outcome,
-                } => (
-                    PaymentCommand::RecordAttempt {
-                        attempt_id: attempt_id.clone(),
-                        outcome: outcome.clone(),
-                    },
-                    format!("record/{attempt_id}"),
-                ),
-                PaymentRecord::Voided => (PaymentCommand::Void, "record/void".to_owned()),
-                PaymentRecord::Captured => (
-                    PaymentCommand::Capture {
-                        amount: saga.amount(),
-                    },
-                    "record/capture".to_owned(),
-                ),
-                PaymentRecord::Refunded => (
-                    PaymentCommand::Refund {
-                        amount: saga.amount(),
-                    },
-                    "record/refund".to_owned(),
-                ),
-            };
-            done_or_halt(
-                run::<Payment>(store, conn, &order, command, &meta(&name)).await?,
-                "recording the payment",
-            )
-        }
-        Action::ConfirmOrder => order_outcome(
-            run::<Order>(store, conn, &order, OrderCommand::Confirm, &meta("confirm")).await?,
-            "confirming",
-        ),
-        Action::RejectOrder { reason } => order_outcome(
-            run::<Order>(
-                store,
-                conn,
-                &order,
-                OrderCommand::Reject { reason: *reason },
-                &meta("reject"),
-            )
-            .await?,
-            "rejecting",
-        ),
+    let Some((step, command)) = saga.command(action) else {
+        return Ok(Performed::Stop);
     };
-    Ok(performed)
-}
-
-fn step(what: &str, sku: &Sku) -> String {
-    format!("{what}/{sku}")
-}
-
-fn done_or_halt<E: std::fmt::Display>(result: Result<(), E>, doing: &str) -> Performed {
-    match result {
-        Ok(()) => Performed::Outcome(Outcome::Done),
-        Err(e) => Performed::Halt(format!("{doing}: {e}")),
-    }
-}
-
-/// A confirmation or rejection refused because the order was cancelled meanwhile is an
-/// expected race, reported to the saga; anything else parks it.
-fn order_outcome(result: Result<(), OrderError>, doing: &str) -> Performed {
-    match result {
-        Ok(()) => Performed::Outcome(Outcome::Done),
-        Err(OrderError::CannotConfirm(OrderStatus::Cancelled))
-        | Err(OrderError::CannotReject(OrderStatus::Cancelled)) => {
-            Performed::Outcome(Outcome::Refused)
+    let meta = metadata(saga, &step);
+    let order = saga.order_id().to_string();
+    let verdict = match command {
+        Command::Product { sku, command } => {
+            product_verdict(run::<Product>(store, conn, sku.as_str(), command, &meta).await?)
         }
-        Err(e) => Performed::Halt(format!("{doing}: {e}")),
-    }
+        Command::Order(command) => {
+            order_verdict(run::<Order>(store, conn, &order, command, &meta).await?)
+        }
+        Command::Payment(command) => {
+            payment_verdict(run::<Payment>(store, conn, &order, command, &meta).await?)
+        }
+    };
+    Ok(match verdict {
+        Ok(outcome) => Performed::Outcome(outcome),
+        Err(why) => Performed::Halt(format!("{step}: {why}")),
+    })
 }
 
 async fn run<A: StoredAggregate<Services = ()>>(
