@@ -577,8 +577,10 @@ impl Fulfillment {
         if let Some(record) = self.to_record.front() {
             return Action::Record(record.clone());
         }
+        // Authorization (with the confirmation it leads to) must be done by its deadline; an
+        // authorization that arrives later is voided like any other.
         if self.goal == Goal::Confirm
-            && matches!(self.payment, PaymentProgress::Requested { .. })
+            && !self.order_settled
             && self.deadline.is_some_and(|d| now >= d)
         {
             self.note(now, "authorization deadline passed");

@@ -358,6 +358,25 @@ fn authorization_past_its_deadline_is_resolved_then_compensated_as_payment_faile
 }
 
 #[test]
+fn an_authorization_answered_after_the_deadline_is_voided_and_the_order_rejected() {
+    let mut t = placed(&[("A", 1), ("B", 2)]);
+    t.reserved_and_requested().calls_now(GatewayOp::Authorize);
+    // A slow provider: the answer comes after the deadline.
+    t.now = t.saga.deadline().unwrap() + Duration::seconds(1);
+    t.answers(GatewayOp::Authorize, decided_authorized())
+        .done(attempt(1, authorized()))
+        .calls_now(GatewayOp::Void)
+        .answers(GatewayOp::Void, GatewayAnswer::Done)
+        .done(Action::Record(PaymentRecord::Voided))
+        .done(release("B"))
+        .done(release("A"))
+        .done(Action::RejectOrder {
+            reason: RejectionReason::PaymentFailed,
+        })
+        .is(SagaState::Completed);
+}
+
+#[test]
 fn cancelling_before_payment_releases_the_reservations_and_rejects_nothing() {
     let mut t = placed(&[("A", 1), ("B", 2)]);
     t.done(reserve("A", 1));

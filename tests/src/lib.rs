@@ -254,6 +254,16 @@ impl TestApp {
 
     /// `POST /api/v1/orders` as `customer` with `(sku, quantity)` lines.
     pub async fn place_order(&self, customer: &str, lines: &[(&str, i64)]) -> Response {
+        self.place_order_paying(customer, lines, "tok_visa").await
+    }
+
+    /// As [`TestApp::place_order`], paying with `token`.
+    pub async fn place_order_paying(
+        &self,
+        customer: &str,
+        lines: &[(&str, i64)],
+        token: &str,
+    ) -> Response {
         let lines: Vec<Value> = lines
             .iter()
             .map(|(sku, quantity)| json!({ "sku": sku, "quantity": quantity }))
@@ -261,7 +271,7 @@ impl TestApp {
         self.post(
             "/api/v1/orders",
             Some(&self.customer(customer)),
-            &json!({ "lines": lines, "payment": { "token": "tok_visa" } }),
+            &json!({ "lines": lines, "payment": { "token": token } }),
             &[],
         )
         .await

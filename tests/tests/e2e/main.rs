@@ -13,5 +13,6 @@ mod inventory;
 mod log;
 mod orders;
 mod queries;
+mod sagas;
 mod store;
 mod validation;
