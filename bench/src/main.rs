@@ -6,6 +6,8 @@
 //!   and the rebuild of every projection.
 //! - `lag --seconds S --rate R`: runs the server in this process, sends R commands a second
 //!   (orders and restocks) for S seconds, and samples how far each projection trails the log.
+//! - `fulfillment --seconds S --rate R`: places R orders a second for S seconds and reports the
+//!   time from placement to `confirmed` (p50, p99) and the orders confirmed per second.
 //!
 //! Each prints a table and, with `--json`, one JSON object per scenario on stdout. Each uses a
 //! fresh database on the server at `DATABASE_URL` (default: the test server) and drops it.
@@ -20,6 +22,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 mod generate;
 mod lag;
 mod replay;
+mod saga;
 
 /// Measure orderline against Postgres alone.
 #[derive(Parser)]
@@ -47,6 +50,15 @@ enum Scenario {
         seconds: u64,
         /// Commands per second.
         #[arg(long, default_value_t = 200)]
+        rate: u64,
+    },
+    /// Placement-to-confirmed latency and confirmed orders per second under a steady load.
+    Fulfillment {
+        /// How long to place orders.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Orders placed per second.
+        #[arg(long, default_value_t = 100)]
         rate: u64,
     },
 }
@@ -127,6 +139,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Replay { events } => replay::run(&database.pool, events).await,
         Scenario::Lag { seconds, rate } => {
             lag::run(&database.pool, Duration::from_secs(seconds), rate).await
+        }
+        Scenario::Fulfillment { seconds, rate } => {
+            saga::run(&database.pool, Duration::from_secs(seconds), rate).await
         }
     };
     database.drop().await?;

@@ -1,0 +1,137 @@
+//! The fulfillment scenario: how long an order takes from placement to `confirmed`, and how
+//! many orders a second the saga confirms, under a steady load of placements.
+//!
+//! Latency is measured in the log, not by polling: the `recorded_at` of each order's
+//! `OrderConfirmed` minus that of its `OrderPlaced` (both are their transactions' start times).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+
+use api_common::auth::{Role, TokenKeys};
+use orderline::{Application, Parts};
+
+use crate::round;
+
+const PRODUCTS: usize = 50;
+
+/// Runs the whole server here, places `rate` orders a second for `duration` (two lines each,
+/// paid with `tok_visa`), waits until every saga is done, and reports latency and throughput.
+pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result<Vec<Value>> {
+    let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
+    let app = Application::new(
+        ([127, 0, 0, 1], 0).into(),
+        pool.clone(),
+        keys.clone(),
+        Parts::ALL,
+    )
+    .await?;
+    let base = format!("http://{}", app.local_addr()?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        stopped.await.ok();
+    }));
+    let client = reqwest::Client::new();
+    let admin = keys.mint("bench", Role::Admin, Duration::from_secs(3600))?;
+    let customer = keys.mint("bench-customer", Role::Customer, Duration::from_secs(3600))?;
+    for i in 0..PRODUCTS {
+        let body = json!({"sku": format!("P{i}"), "name": "P",
+                          "price": {"amount_minor": 100, "currency": "EUR"}, "initial_stock": 1_000_000});
+        client
+            .post(format!("{base}/api/v1/products"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await?;
+    }
+
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut placed = 0u64;
+    while started.elapsed() < duration {
+        tick.tick().await;
+        placed += 1;
+        let lines = json!([
+            {"sku": format!("P{}", placed % PRODUCTS as u64), "quantity": 1},
+            {"sku": format!("P{}", (placed * 7 + 3) % PRODUCTS as u64), "quantity": 2},
+        ]);
+        let request = client
+            .post(format!("{base}/api/v1/orders"))
+            .bearer_auth(&customer)
+            .json(&json!({"lines": lines, "payment": {"token": "tok_visa"}}));
+        let failed = failed.clone();
+        in_flight.spawn(async move {
+            match request.send().await {
+                Ok(r) if r.status().is_success() => {}
+                _ => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while in_flight.join_next().await.is_some() {}
+    let load_seconds = started.elapsed().as_secs_f64();
+    let drain_started = Instant::now();
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM sagas WHERE state NOT IN ('confirmed', 'completed'))
+                  + (SELECT count(*) FROM events e WHERE e.event_type = 'OrderPlaced'
+                      AND NOT EXISTS (SELECT 1 FROM sagas s WHERE s.order_id::text = e.aggregate_id))",
+        )
+        .fetch_one(pool)
+        .await?;
+        if open == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            drain_started.elapsed() < Duration::from_secs(300),
+            "sagas did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain = drain_started.elapsed();
+    stop.send(()).ok();
+    server.await??;
+
+    let latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM c.recorded_at - p.recorded_at)::float8 * 1000
+           FROM events p JOIN events c ON c.aggregate_type = 'order' AND c.aggregate_id = p.aggregate_id
+          WHERE p.event_type = 'OrderPlaced' AND c.event_type = 'OrderConfirmed'
+          ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let (first, last, rejected): (Option<f64>, Option<f64>, i64) = sqlx::query_as(
+        "SELECT extract(epoch FROM min(recorded_at) FILTER (WHERE event_type = 'OrderPlaced'))::float8,
+                extract(epoch FROM max(recorded_at) FILTER (WHERE event_type = 'OrderConfirmed'))::float8,
+                count(*) FILTER (WHERE event_type = 'OrderRejected')
+           FROM events WHERE aggregate_type = 'order'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let span = last.zip(first).map_or(0.0, |(l, f)| l - f);
+    let confirmed = latencies.len();
+    let pick = |p: f64| {
+        latencies
+            .get(((confirmed.saturating_sub(1)) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(vec![json!({
+        "scenario": "fulfillment", "rate_per_second": rate, "seconds": duration.as_secs(),
+        "orders_placed": placed, "placements_failed": failed.load(Ordering::Relaxed),
+        "confirmed": confirmed, "rejected": rejected,
+        "placed_per_second": round(placed as f64 / load_seconds),
+        "confirmed_per_second": round(if span > 0.0 { confirmed as f64 / span } else { 0.0 }),
+        "placed_to_confirmed_ms_p50": round(pick(0.5)),
+        "placed_to_confirmed_ms_p99": round(pick(0.99)),
+        "placed_to_confirmed_ms_max": round(latencies.last().copied().unwrap_or(0.0)),
+        "drain_ms_after_load": round(drain.as_secs_f64() * 1000.0),
+    })])
+}
