@@ -8,10 +8,8 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
-use api_common::auth::{Role, TokenKeys};
-use orderline::{Application, Parts};
-
 use crate::round;
+use crate::server::BenchServer;
 
 const PRODUCTS: usize = 100;
 
@@ -32,31 +30,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Runs the server here, sends `rate` commands a second for `duration`, samples lag.
 pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result<Vec<Value>> {
-    let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
-    let app = Application::new(
-        ([127, 0, 0, 1], 0).into(),
-        pool.clone(),
-        keys.clone(),
-        Parts::ALL,
-    )
-    .await?;
-    let base = format!("http://{}", app.local_addr()?);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        stopped.await.ok();
-    }));
-    let client = reqwest::Client::new();
-    let admin = keys.mint("bench", Role::Admin, Duration::from_secs(3600))?;
-    let customer = keys.mint("bench-customer", Role::Customer, Duration::from_secs(3600))?;
-    for i in 0..PRODUCTS {
-        let body = json!({"sku": format!("P{i}"), "name": "P", "price": {"amount_minor": 100, "currency": "EUR"}, "initial_stock": 1_000_000});
-        client
-            .post(format!("{base}/api/v1/products"))
-            .bearer_auth(&admin)
-            .json(&body)
-            .send()
-            .await?;
-    }
+    let server = BenchServer::start(pool, PRODUCTS).await?;
+    let (client, base) = (server.client.clone(), server.base.clone());
+    let (admin, customer) = (server.admin.clone(), server.customer.clone());
 
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -139,8 +115,7 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     load.await?;
-    stop.send(()).ok();
-    server.await??;
+    server.stop().await?;
 
     let sent = ok.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed);
     Ok(samples

@@ -23,6 +23,7 @@ mod generate;
 mod lag;
 mod replay;
 mod saga;
+mod server;
 
 /// Measure orderline against Postgres alone.
 #[derive(Parser)]

@@ -8,46 +8,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::round;
+use crate::server::BenchServer;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tokio::sync::oneshot;
-
-use api_common::auth::{Role, TokenKeys};
-use orderline::{Application, Parts};
-
-use crate::round;
 
 const PRODUCTS: usize = 50;
 
 /// Runs the whole server here, places `rate` orders a second for `duration` (two lines each,
 /// paid with `tok_visa`), waits until every saga is done, and reports latency and throughput.
 pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result<Vec<Value>> {
-    let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
-    let app = Application::new(
-        ([127, 0, 0, 1], 0).into(),
-        pool.clone(),
-        keys.clone(),
-        Parts::ALL,
-    )
-    .await?;
-    let base = format!("http://{}", app.local_addr()?);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        stopped.await.ok();
-    }));
-    let client = reqwest::Client::new();
-    let admin = keys.mint("bench", Role::Admin, Duration::from_secs(3600))?;
-    let customer = keys.mint("bench-customer", Role::Customer, Duration::from_secs(3600))?;
-    for i in 0..PRODUCTS {
-        let body = json!({"sku": format!("P{i}"), "name": "P",
-                          "price": {"amount_minor": 100, "currency": "EUR"}, "initial_stock": 1_000_000});
-        client
-            .post(format!("{base}/api/v1/products"))
-            .bearer_auth(&admin)
-            .json(&body)
-            .send()
-            .await?;
-    }
+    let server = BenchServer::start(pool, PRODUCTS).await?;
+    let (client, base, customer) = (&server.client, &server.base, &server.customer);
 
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -63,7 +35,7 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
         ]);
         let request = client
             .post(format!("{base}/api/v1/orders"))
-            .bearer_auth(&customer)
+            .bearer_auth(customer)
             .json(&json!({"lines": lines, "payment": {"token": "tok_visa"}}));
         let failed = failed.clone();
         in_flight.spawn(async move {
@@ -96,8 +68,7 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain = drain_started.elapsed();
-    stop.send(()).ok();
-    server.await??;
+    server.stop().await?;
 
     let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM c.recorded_at - p.recorded_at)::float8 * 1000

@@ -8,7 +8,7 @@
 )]
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use api_common::auth::{Role, TokenKeys};
@@ -16,39 +16,13 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 
-const SECRET: &str = "crash-test-secret-that-is-long-enough";
 const REQUESTS: usize = 300;
 
-fn server_url() -> String {
-    std::env::var("ORDERLINE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+use support::{free_port, fresh_database, orderline, server_url, SECRET};
 
 fn start(database_url: &str, port: u16) -> Child {
     orderline(database_url, port, &["serve"], &[])
-}
-
-/// Runs the real binary with `args` against `database_url`, listening on `port`.
-fn orderline(database_url: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_orderline"))
-        .args(args)
-        .envs(env.iter().copied())
-        .env("DATABASE_URL", database_url)
-        .env("ORDERLINE_ADDR", format!("127.0.0.1:{port}"))
-        .env("ORDERLINE_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {
@@ -80,24 +54,10 @@ async fn restock(client: &reqwest::Client, base: &str, token: &str, i: usize) ->
     }
 }
 
-/// Creates a fresh database; returns its name and URL.
-async fn fresh_database(admin: &mut PgConnection) -> (String, String) {
-    let database = format!("orderline_crash_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {database}"))
-        .execute(&mut *admin)
-        .await
-        .unwrap();
-    let url = match server_url().rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{database}"),
-        None => unreachable!("the URL has a database part"),
-    };
-    (database, url)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_loses_no_acknowledged_command_and_retries_apply_once() {
     let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin).await;
+    let (database, url) = fresh_database(&mut admin, "orderline_crash").await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -231,7 +191,7 @@ async fn caught_up(pool: &PgPool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_killed_before_its_commit_applies_nothing_twice() {
     let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin).await;
+    let (database, url) = fresh_database(&mut admin, "orderline_crash").await;
     let client = reqwest::Client::new();
     let keys = TokenKeys::hs256(SECRET.as_bytes());
     let token = keys

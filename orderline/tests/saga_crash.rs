@@ -10,14 +10,13 @@
     reason = "a test that cannot go on should fail loudly"
 )]
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use api_common::auth::{Role, TokenKeys};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 
-const SECRET: &str = "saga-crash-secret-that-is-long-enough";
 /// Payment tokens of the orders, in turn: every path through the authorization step.
 const TOKENS: [&str; 6] = [
     "tok_visa",
@@ -35,31 +34,11 @@ const CRASH_POINTS: [(&str, &str); 4] = [
     ("ORDERLINE_SAGA_CRASH_AT", "after_gateway_record"),
 ];
 
-fn server_url() -> String {
-    std::env::var("ORDERLINE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+use support::{free_port, fresh_database, server_url, SECRET};
 
 fn orderline(database_url: &str, port: u16, only: &str, env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_orderline"))
-        .args(["serve", "--only", only])
-        .envs(env.iter().copied())
-        .env("DATABASE_URL", database_url)
-        .env("ORDERLINE_ADDR", format!("127.0.0.1:{port}"))
-        .env("ORDERLINE_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    support::orderline(database_url, port, &["serve", "--only", only], env)
 }
 
 /// Waits for `child` to die by itself (the crash point was reached) for up to `limit`, else
@@ -105,15 +84,7 @@ async fn count(pool: &PgPool, sql: &str, id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_runner_killed_at_every_step_boundary_completes_every_order_exactly_once() {
     let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let database = format!("orderline_saga_crash_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {database}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let url = match server_url().rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{database}"),
-        None => unreachable!("the URL has a database part"),
-    };
+    let (database, url) = fresh_database(&mut admin, "orderline_saga_crash").await;
     let keys = TokenKeys::hs256(SECRET.as_bytes());
     let ops = keys
         .mint("ops", Role::Admin, Duration::from_secs(600))

@@ -157,6 +157,16 @@ impl Given {
             })
     }
 
+    /// Compensation of a two-line order holding an authorization: void it, then release the
+    /// lines newest first.
+    fn voids_then_releases_b_and_a(&mut self) -> &mut Self {
+        self.calls_now(GatewayOp::Void)
+            .answers(GatewayOp::Void, GatewayAnswer::Done)
+            .done(Action::Record(PaymentRecord::Voided))
+            .done(release("B"))
+            .done(release("A"))
+    }
+
     /// From placement to a confirmed order.
     fn confirmed(&mut self) -> &mut Self {
         self.reserved_and_requested()
@@ -346,11 +356,7 @@ fn authorization_past_its_deadline_is_resolved_then_compensated_as_payment_faile
         .is(SagaState::Compensating)
         .answers(GatewayOp::Retrieve, decided_authorized())
         .done(attempt(1, authorized()))
-        .calls_now(GatewayOp::Void)
-        .answers(GatewayOp::Void, GatewayAnswer::Done)
-        .done(Action::Record(PaymentRecord::Voided))
-        .done(release("B"))
-        .done(release("A"))
+        .voids_then_releases_b_and_a()
         .done(Action::RejectOrder {
             reason: RejectionReason::PaymentFailed,
         })
@@ -365,11 +371,7 @@ fn an_authorization_answered_after_the_deadline_is_voided_and_the_order_rejected
     t.now = t.saga.deadline().unwrap() + Duration::seconds(1);
     t.answers(GatewayOp::Authorize, decided_authorized())
         .done(attempt(1, authorized()))
-        .calls_now(GatewayOp::Void)
-        .answers(GatewayOp::Void, GatewayAnswer::Done)
-        .done(Action::Record(PaymentRecord::Voided))
-        .done(release("B"))
-        .done(release("A"))
+        .voids_then_releases_b_and_a()
         .done(Action::RejectOrder {
             reason: RejectionReason::PaymentFailed,
         })
@@ -393,11 +395,7 @@ fn cancelling_while_authorizing_resolves_the_authorization_and_voids_it() {
     t.calls_now(GatewayOp::Retrieve)
         .answers(GatewayOp::Retrieve, decided_authorized())
         .done(attempt(1, authorized()))
-        .calls_now(GatewayOp::Void)
-        .answers(GatewayOp::Void, GatewayAnswer::Done)
-        .done(Action::Record(PaymentRecord::Voided))
-        .done(release("B"))
-        .done(release("A"))
+        .voids_then_releases_b_and_a()
         .waits()
         .is(SagaState::Completed);
 }
@@ -438,11 +436,7 @@ fn cancelling_a_confirmed_order_voids_the_payment_and_releases_the_stock() {
     t.confirmed();
     t.saga.on_cancelled(t.now);
     t.is(SagaState::Compensating)
-        .calls_now(GatewayOp::Void)
-        .answers(GatewayOp::Void, GatewayAnswer::Done)
-        .done(Action::Record(PaymentRecord::Voided))
-        .done(release("B"))
-        .done(release("A"))
+        .voids_then_releases_b_and_a()
         .waits()
         .is(SagaState::Completed);
 }

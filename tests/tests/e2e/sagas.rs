@@ -38,6 +38,11 @@ async fn saga(app: &TestApp, id: &str) -> Value {
     .await
 }
 
+/// `POST path` with an empty body, as an admin.
+async fn admin_post(app: &TestApp, path: &str) -> reqwest::Response {
+    app.post(path, Some(&app.admin()), &json!({}), &[]).await
+}
+
 /// Places an order of one unit of `sku` paid with `token`; returns its id.
 async fn order_paying(app: &TestApp, customer: &str, sku: &str, token: &str) -> String {
     let response = app.place_order_paying(customer, &[(sku, 1)], token).await;
@@ -268,14 +273,7 @@ async fn shipping_commits_the_stock_and_captures_the_payment() {
     );
     assert_eq!(saga(&app, &id).await["state"], "completed");
     // A cancel after shipment is refused and changes nothing.
-    let refused = app
-        .post(
-            &format!("/api/v1/orders/{id}/cancel"),
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let refused = admin_post(&app, &format!("/api/v1/orders/{id}/cancel")).await;
     assert_eq!(refused.status(), StatusCode::CONFLICT);
 }
 
@@ -310,14 +308,7 @@ async fn a_saga_whose_void_keeps_failing_is_listed_as_stuck_and_an_admin_can_ret
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    let cancel = app
-        .post(
-            &format!("/api/v1/orders/{id}/cancel"),
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let cancel = admin_post(&app, &format!("/api/v1/orders/{id}/cancel")).await;
     assert_eq!(cancel.status(), StatusCode::ACCEPTED);
     app.caught_up().await;
 
@@ -349,14 +340,11 @@ async fn a_saga_whose_void_keeps_failing_is_listed_as_stuck_and_an_admin_can_ret
     );
     // Stock stays reserved while the money is unresolved: nothing is released half-way.
     assert_eq!(stock(&app, "A").await["reserved"], 1);
-    let not_stuck = app
-        .post(
-            "/api/v1/admin/sagas/00000000-0000-0000-0000-000000000000/retry",
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let not_stuck = admin_post(
+        &app,
+        "/api/v1/admin/sagas/00000000-0000-0000-0000-000000000000/retry",
+    )
+    .await;
     assert_eq!(not_stuck.status(), StatusCode::NOT_FOUND);
 
     // The operator fixes the provider's side, then retries.
@@ -374,28 +362,14 @@ async fn a_saga_whose_void_keeps_failing_is_listed_as_stuck_and_an_admin_can_ret
     .execute(&app.pool)
     .await
     .unwrap();
-    let retried = app
-        .post(
-            &format!("/api/v1/admin/sagas/{id}/retry"),
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let retried = admin_post(&app, &format!("/api/v1/admin/sagas/{id}/retry")).await;
     assert_eq!(retried.status(), StatusCode::ACCEPTED);
     app.caught_up().await;
     let saga = saga(&app, &id).await;
     assert_eq!(saga["state"], "completed", "{saga}");
     assert_eq!(stock(&app, "A").await["reserved"], 0);
     assert_eq!(payment(&app, &id).await["status"], "voided");
-    let again = app
-        .post(
-            &format!("/api/v1/admin/sagas/{id}/retry"),
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let again = admin_post(&app, &format!("/api/v1/admin/sagas/{id}/retry")).await;
     assert_eq!(again.status(), StatusCode::CONFLICT);
     let customer = app.get("/api/v1/admin/sagas", &app.customer("c1")).await;
     assert_eq!(customer.status(), StatusCode::FORBIDDEN);

@@ -1,0 +1,74 @@
+//! The whole orderline server running inside the bench process, with a catalog to order from.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use api_common::auth::{Role, TokenKeys};
+use orderline::{Application, Parts};
+
+/// A running server and what a load generator needs to talk to it.
+pub struct BenchServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// HTTP client.
+    pub client: reqwest::Client,
+    /// An admin's token.
+    pub admin: String,
+    /// A customer's token.
+    pub customer: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl BenchServer {
+    /// Starts every part of the server on a free port and registers SKUs `P0` to
+    /// `P{products-1}` at 1.00 EUR with a million units each.
+    pub async fn start(pool: &PgPool, products: usize) -> anyhow::Result<Self> {
+        let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
+        let app = Application::new(
+            ([127, 0, 0, 1], 0).into(),
+            pool.clone(),
+            keys.clone(),
+            Parts::ALL,
+        )
+        .await?;
+        let base = format!("http://{}", app.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            stopped.await.ok();
+        }));
+        let server = Self {
+            base,
+            client: reqwest::Client::new(),
+            admin: keys.mint("bench", Role::Admin, Duration::from_secs(3600))?,
+            customer: keys.mint("bench-customer", Role::Customer, Duration::from_secs(3600))?,
+            stop,
+            task,
+        };
+        for i in 0..products {
+            let body = json!({"sku": format!("P{i}"), "name": "P",
+                              "price": {"amount_minor": 100, "currency": "EUR"},
+                              "initial_stock": 1_000_000});
+            server
+                .client
+                .post(format!("{}/api/v1/products", server.base))
+                .bearer_auth(&server.admin)
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+        Ok(server)
+    }
+
+    /// Shuts the server down gracefully and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.send(()).ok();
+        self.task.await??;
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! What the process-level tests share: the Postgres server, fresh databases, free ports and the
+//! real `orderline` binary.
+
+use std::process::{Child, Command, Stdio};
+
+use sqlx::PgConnection;
+
+/// The token secret every spawned server uses.
+pub const SECRET: &str = "process-test-secret-that-is-long-enough";
+
+/// The server on which tests create their databases.
+pub fn server_url() -> String {
+    std::env::var("ORDERLINE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Creates a fresh database named `{prefix}_{random}`; returns its name and URL.
+pub async fn fresh_database(admin: &mut PgConnection, prefix: &str) -> (String, String) {
+    let database = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let url = match server_url().rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{database}"),
+        None => unreachable!("the URL has a database part"),
+    };
+    (database, url)
+}
+
+/// Runs the real binary with `args` and `env` against `database_url`, listening on `port`.
+pub fn orderline(database_url: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_orderline"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("DATABASE_URL", database_url)
+        .env("ORDERLINE_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORDERLINE_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
