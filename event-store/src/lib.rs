@@ -14,6 +14,7 @@
 pub mod idempotency;
 pub mod log;
 pub mod subscription;
+pub mod unit_of_work;
 
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
@@ -120,6 +121,8 @@ pub struct Appended {
     pub position: i64,
     /// The aggregate's new version.
     pub version: usize,
+    /// Whether a snapshot at `version` was written with the events.
+    pub snapshotted: bool,
 }
 
 /// The event store. Cheap to clone: it shares one connection pool.
@@ -252,20 +255,21 @@ impl EventStore {
             .await
             .map_err(conflict_or_database)?;
         let version = loaded.version + n;
-        if let Some(every) = A::SNAPSHOT_EVERY {
-            if version - loaded.snapshot_version >= every {
-                sqlx::query(UPSERT_SNAPSHOT)
-                    .bind(A::TYPE)
-                    .bind(id)
-                    .bind(i64::try_from(version).unwrap_or(i64::MAX))
-                    .bind(sqlx::types::Json(after))
-                    .execute(&mut *conn)
-                    .await?;
-            }
+        let snapshotted =
+            A::SNAPSHOT_EVERY.is_some_and(|every| version - loaded.snapshot_version >= every);
+        if snapshotted {
+            sqlx::query(UPSERT_SNAPSHOT)
+                .bind(A::TYPE)
+                .bind(id)
+                .bind(i64::try_from(version).unwrap_or(i64::MAX))
+                .bind(sqlx::types::Json(after))
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(Appended {
             position: position.unwrap_or_default(),
             version,
+            snapshotted,
         })
     }
 
@@ -315,37 +319,6 @@ impl EventStore {
             loaded.version = usize::try_from(sequence).unwrap_or(usize::MAX);
         }
         Ok(())
-    }
-
-    /// Decides `command` on aggregate `id` and appends its events inside the caller's
-    /// transaction, taking the aggregate's write lock first (see
-    /// [`EventStore::lock_and_catch_up`]), so it sees this transaction's own earlier appends and
-    /// never conflicts with other orderline writers. This is how background processes (the
-    /// fulfillment saga) write: their commands commit with their checkpoint.
-    ///
-    /// Returns the events (empty when the command changed nothing) or the domain's refusal.
-    ///
-    /// # Errors
-    /// [`StoreError`] if loading or appending fails; the transaction should then be rolled back.
-    pub async fn execute_in<A: StoredAggregate<Services = ()>>(
-        &self,
-        conn: &mut PgConnection,
-        id: &str,
-        command: A::Command,
-        metadata: &Metadata,
-    ) -> Result<Result<Vec<A::Event>, A::Error>, StoreError> {
-        let mut loaded = self.load::<A>(id).await?;
-        Self::lock_and_catch_up(conn, id, &mut loaded).await?;
-        let mut after = loaded.aggregate.clone();
-        let sink = cqrs_es::event_sink::EventSink::<A>::default();
-        if let Err(refusal) = after.handle(command, &(), &sink).await {
-            return Ok(Err(refusal));
-        }
-        let events = sink.collect().await;
-        if !events.is_empty() {
-            Self::append(conn, id, &loaded, &after, &events, metadata).await?;
-        }
-        Ok(Ok(events))
     }
 
     /// The global position of the newest event of one aggregate, 0 if it has none. Commands that

@@ -38,6 +38,14 @@ pub trait Consumer: Send + Sync + 'static {
     /// checkpoint then moves past them. Everything it writes must go through `tx`; an error
     /// rolls the whole page back and the page is offered again.
     async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError>;
+
+    /// Most events per transaction for this consumer, if fewer than the runner's
+    /// [`RunnerConfig::batch_size`]. A consumer whose page transaction does much work per event
+    /// (the saga) keeps its transactions short this way: while one runs, it holds back every
+    /// reader of the log (they read below the oldest running transaction).
+    fn max_batch(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// How consumers are run.
@@ -211,6 +219,15 @@ struct Runner {
 }
 
 impl Runner {
+    fn batch_size(&self) -> i64 {
+        self.consumer
+            .max_batch()
+            .map_or(self.config.batch_size, |max| {
+                max.min(self.config.batch_size)
+            })
+            .max(1)
+    }
+
     async fn run(mut self) {
         let name = self.consumer.name().to_owned();
         loop {
@@ -263,7 +280,7 @@ impl Runner {
     /// Applies the log while holding `lease`; returns `Ok` when asked to stop, `Err` when the
     /// lease connection broke.
     async fn follow(&mut self, mut lease: PgConnection) -> sqlx::Result<()> {
-        let mut batch = self.config.batch_size;
+        let mut batch = self.batch_size();
         let mut failures = 0u32;
         let mut held_back = 0u32;
         let mut lease_checked = tokio::time::Instant::now();
@@ -283,7 +300,7 @@ impl Runner {
             match step {
                 Ok(Step::Applied) => {
                     failures = 0;
-                    batch = self.config.batch_size;
+                    batch = self.batch_size();
                 }
                 Ok(Step::Moved) => {}
                 Ok(Step::Idle) => self.idle().await,
@@ -305,7 +322,7 @@ impl Runner {
                     if batch == 1 && failures >= self.config.attempts_before_parking {
                         self.park(&failure).await;
                         failures = 0;
-                        batch = self.config.batch_size;
+                        batch = self.batch_size();
                         continue;
                     }
                     // Narrow down to the failing event, then back off.

@@ -1,0 +1,77 @@
+//! Several commands on several aggregates inside one transaction, each aggregate loaded and
+//! locked once.
+//!
+//! Background processes (the fulfillment saga) write many commands per transaction: a page of
+//! placed orders reserves stock on the same few hot SKUs again and again. The first command on an
+//! aggregate loads it, takes its write lock ([`EventStore::lock_and_catch_up`]) and keeps it;
+//! later commands in the same transaction decide on the kept state and only append. That is
+//! sound because the lock is held until the transaction ends: nobody else can append meanwhile.
+//! A [`UnitOfWork`] must therefore live exactly as long as its transaction.
+
+use std::any::Any;
+use std::collections::HashMap;
+
+use cqrs_es::event_sink::EventSink;
+use sqlx::PgConnection;
+
+use crate::{EventStore, Loaded, Metadata, StoreError, StoredAggregate};
+
+/// The aggregates one transaction has loaded and locked. Create one per transaction and drop
+/// it with the transaction.
+#[derive(Default)]
+pub struct UnitOfWork {
+    loaded: HashMap<(&'static str, String), Box<dyn Any + Send + Sync>>,
+}
+
+impl UnitOfWork {
+    /// An empty unit of work, for a transaction that has just begun.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decides `command` on aggregate `id` and appends its events in `conn`'s transaction.
+    /// Returns the events (empty when the command changed nothing) or the domain's refusal.
+    ///
+    /// # Errors
+    /// [`StoreError`] if loading or appending fails; the transaction (and this unit of work)
+    /// must then be abandoned.
+    pub async fn execute<A>(
+        &mut self,
+        store: &EventStore,
+        conn: &mut PgConnection,
+        id: &str,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Result<Vec<A::Event>, A::Error>, StoreError>
+    where
+        A: StoredAggregate<Services = ()> + Send + Sync + 'static,
+    {
+        let key = (A::TYPE, id.to_owned());
+        let kept = self
+            .loaded
+            .remove(&key)
+            .and_then(|held| held.downcast::<Loaded<A>>().ok());
+        let mut loaded = match kept {
+            Some(loaded) => *loaded,
+            None => {
+                let mut loaded = store.load::<A>(id).await?;
+                EventStore::lock_and_catch_up(conn, id, &mut loaded).await?;
+                loaded
+            }
+        };
+        let mut after = loaded.aggregate.clone();
+        let sink = EventSink::<A>::default();
+        let decided = after.handle(command, &(), &sink).await;
+        let events = sink.collect().await;
+        if decided.is_ok() && !events.is_empty() {
+            let appended = EventStore::append(conn, id, &loaded, &after, &events, metadata).await?;
+            if appended.snapshotted {
+                loaded.snapshot_version = appended.version;
+            }
+            loaded.version = appended.version;
+            loaded.aggregate = after;
+        }
+        self.loaded.insert(key, Box::new(loaded));
+        Ok(decided.map(|()| events))
+    }
+}
