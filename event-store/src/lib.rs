@@ -283,6 +283,9 @@ impl EventStore {
     /// that won the race are read here. The lock is released at commit or rollback.
     ///
     /// # Errors
+    /// [`StoreError::Conflict`] when this transaction already has a transaction id and a
+    /// younger transaction has appended to the aggregate since (its events would come out of
+    /// the log before this one's, against their sequence): roll back and start over.
     /// [`StoreError::Database`] if Postgres fails; [`StoreError::Corrupt`] if a newer event
     /// does not deserialize.
     pub async fn lock_and_catch_up<A: StoredAggregate>(
@@ -297,6 +300,22 @@ impl EventStore {
             .bind(id)
             .execute(&mut *conn)
             .await?;
+        // The log is ordered by transaction id, and one aggregate's events must come out of it
+        // in sequence order. A transaction that got its id (by an earlier write) before another
+        // one appended to this aggregate and committed would put its event after theirs in
+        // sequence but before it in the log. It must start over with a new, larger id.
+        let overtaken: Option<bool> = sqlx::query_scalar(
+            "SELECT transaction_id > pg_current_xact_id_if_assigned() FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten();
+        if overtaken == Some(true) {
+            return Err(StoreError::Conflict);
+        }
         let newer: Vec<(i64, Value)> = sqlx::query_as(
             "SELECT sequence, payload FROM events
               WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3

@@ -29,7 +29,7 @@ use aggregates::order::{Order, OrderEvent};
 use aggregates::payment::Payment;
 use aggregates::values::OrderId;
 use event_store::log::LogEvent;
-use event_store::subscription::{Consumer, ConsumerError};
+use event_store::subscription::{Consumer, ConsumerError, Transient};
 use event_store::unit_of_work::UnitOfWork;
 use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
 
@@ -218,7 +218,9 @@ impl FulfillmentConsumer {
             return Ok(());
         };
         change(&mut saga);
-        drive(work, tx, &mut saga, &self.timing).await?;
+        drive(work, tx, &mut saga, &self.timing)
+            .await
+            .map_err(retry_conflicts)?;
         store::save(tx, &saga).await?;
         Ok(())
     }
@@ -265,7 +267,9 @@ impl Consumer for FulfillmentConsumer {
                     if !store::insert(tx, &saga).await? {
                         continue;
                     }
-                    drive(&mut work, tx, &mut saga, &self.timing).await?;
+                    drive(&mut work, tx, &mut saga, &self.timing)
+                        .await
+                        .map_err(retry_conflicts)?;
                     store::save(tx, &saga).await?;
                 }
                 OrderEvent::OrderCancelled { .. } => {
@@ -282,6 +286,14 @@ impl Consumer for FulfillmentConsumer {
             }
         }
         Ok(())
+    }
+}
+
+/// A conflict says nothing about the events: the page is tried again, whole, never parked.
+fn retry_conflicts(error: StoreError) -> ConsumerError {
+    match error {
+        StoreError::Conflict => Box::new(Transient(error.to_string())),
+        other => Box::new(other),
     }
 }
 

@@ -428,6 +428,18 @@ impl TestApp {
     /// Asserts that every read model equals an independent fold of the events table: each
     /// aggregate's own `apply` over its raw events.
     pub async fn assert_read_models_match_log(&self) {
+        // Consumers fold each aggregate's events in log order: it must be sequence order.
+        let inverted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                SELECT sequence, lag(sequence) OVER (PARTITION BY aggregate_type, aggregate_id
+                                                     ORDER BY transaction_id, position) AS before
+                  FROM events) AS stream
+              WHERE before IS NOT NULL AND sequence <> before + 1",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("log order");
+        assert_eq!(inverted, 0, "events out of sequence order in the log");
         let repository = PostgresEventRepository::new(self.pool.clone());
         let ids = |aggregate_type: &'static str| {
             sqlx::query_scalar::<_, String>(
