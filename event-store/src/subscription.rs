@@ -46,7 +46,25 @@ pub trait Consumer: Send + Sync + 'static {
     fn max_batch(&self) -> Option<i64> {
         None
     }
+
+    /// Hands `events` to something outside Postgres (the Kafka relay's broker) before the
+    /// page's transaction writes anything. The checkpoint moves past them only after this
+    /// returned `Ok`, so delivery is at least once: a crash in between delivers them again.
+    /// It runs while the page's read-only transaction is open but holds no transaction id, so
+    /// however long it waits, it holds back no other reader of the log.
+    ///
+    /// Return a [`Transient`] error when the outside world is the problem (a broker down): the
+    /// runner then retries the page with back-off for as long as it takes and never parks.
+    async fn deliver(&self, events: &[LogEvent]) -> Result<(), ConsumerError> {
+        let _ = events;
+        Ok(())
+    }
 }
+
+/// A consumer error that says nothing about the events: retry later, never park.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Transient(pub String);
 
 /// How consumers are run.
 #[derive(Debug, Clone)]
@@ -207,6 +225,8 @@ enum Step {
 struct Failure {
     error: String,
     first: Option<LogEvent>,
+    /// The consumer said the error is [`Transient`].
+    transient: bool,
 }
 
 struct Runner {
@@ -319,6 +339,15 @@ impl Runner {
                     failures += 1;
                     self.metrics.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(consumer = self.consumer.name(), attempt = failures, error = %failure.error, "a page failed");
+                    if failure.transient {
+                        // The outside world is down, not the events at fault: keep the page
+                        // whole, show the error, and wait longer each time.
+                        self.note_error(&failure.error).await;
+                        let backoff = Duration::from_millis(100 << failures.min(8))
+                            .min(Duration::from_secs(30));
+                        sleep_or_stop(backoff, &mut self.stopped).await;
+                        continue;
+                    }
                     if batch == 1 && failures >= self.config.attempts_before_parking {
                         self.park(&failure).await;
                         failures = 0;
@@ -346,7 +375,11 @@ impl Runner {
     }
 
     async fn step(&self, limit: i64) -> Result<Step, Failure> {
-        let failed = |error: String| Failure { error, first: None };
+        let failed = |error: String| Failure {
+            error,
+            first: None,
+            transient: false,
+        };
         let name = self.consumer.name();
         let mut tx = self.pool.begin().await.map_err(|e| failed(e.to_string()))?;
         let (transaction_id, position, state): (i64, i64, String) = sqlx::query_as(
@@ -373,6 +406,13 @@ impl Runner {
                 .map_err(|e| failed(e.to_string()))?;
             return Ok(if newer { Step::HeldBack } else { Step::Idle });
         };
+        if let Err(e) = self.consumer.deliver(&page).await {
+            return Err(Failure {
+                transient: e.is::<Transient>(),
+                error: e.to_string(),
+                first: page.into_iter().next(),
+            });
+        }
         let still_ours: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM checkpoints
               WHERE consumer = $1 AND transaction_id = $2::text::xid8 AND position = $3 FOR UPDATE",
@@ -388,6 +428,7 @@ impl Runner {
         }
         if let Err(e) = self.consumer.apply(&mut tx, &page).await {
             return Err(Failure {
+                transient: e.is::<Transient>(),
                 error: e.to_string(),
                 first: page.into_iter().next(),
             });
@@ -416,6 +457,20 @@ impl Runner {
             .events_applied
             .fetch_add(u64::try_from(applied).unwrap_or(0), Ordering::Relaxed);
         Ok(Step::Applied)
+    }
+
+    /// Shows a transient error in the checkpoint row (cleared by the next applied page).
+    async fn note_error(&self, error: &str) {
+        let result = sqlx::query(
+            "UPDATE checkpoints SET last_error = $2, last_error_at = now() WHERE consumer = $1",
+        )
+        .bind(self.consumer.name())
+        .bind(error)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(consumer = self.consumer.name(), error = %e, "cannot record the error");
+        }
     }
 
     async fn park(&self, failure: &Failure) {

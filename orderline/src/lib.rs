@@ -2,7 +2,8 @@
 //!
 //! [`app`] builds the router (command and query routes, health, problem+json fallbacks) and
 //! [`Application`] runs the parts of the server: the HTTP API on a port, the projections
-//! following the log, and the fulfillment saga (its log consumer and its gateway worker). The binary (`main.rs`) adds settings, the private Postgres cluster,
+//! following the log, the fulfillment saga (its log consumer and its gateway worker) and the
+//! Kafka relay. The binary (`main.rs`) adds settings, the private Postgres cluster,
 //! migrations and signal handling. Tests use [`Application`] on port 0.
 
 pub mod local_postgres;
@@ -26,6 +27,7 @@ use api_common::ids;
 use command_api::CommandState;
 use event_store::subscription::{Consumer, RunnerConfig, Subscriptions};
 use event_store::EventStore;
+use kafka_relay::{KafkaRelay, RelayConfig};
 use query_api::QueryState;
 use sagas::gateway::simulated::SimulatedGateway;
 use sagas::gateway::PaymentGateway;
@@ -77,6 +79,8 @@ pub struct Parts {
     pub projections: bool,
     /// Run the fulfillment saga: its log consumer and its gateway worker.
     pub sagas: bool,
+    /// Run the Kafka relay (when Kafka is configured).
+    pub relay: bool,
 }
 
 impl Parts {
@@ -85,6 +89,7 @@ impl Parts {
         api: true,
         projections: true,
         sagas: true,
+        relay: true,
     };
 
     /// Nothing; switch on what you need.
@@ -92,6 +97,7 @@ impl Parts {
         api: false,
         projections: false,
         sagas: false,
+        relay: false,
     };
 }
 
@@ -104,6 +110,7 @@ pub struct Application {
     runner: RunnerConfig,
     gateway: Arc<dyn PaymentGateway>,
     saga: SagaConfig,
+    kafka: Option<RelayConfig>,
 }
 
 impl Application {
@@ -137,6 +144,7 @@ impl Application {
             parts,
             runner: RunnerConfig::default(),
             saga: SagaConfig::default(),
+            kafka: None,
         })
     }
 
@@ -158,6 +166,13 @@ impl Application {
     #[must_use]
     pub fn with_saga_config(mut self, config: SagaConfig) -> Self {
         self.saga = config;
+        self
+    }
+
+    /// Publishes the log to Kafka with `config` (when this process runs the relay part).
+    #[must_use]
+    pub fn with_kafka(mut self, config: Option<RelayConfig>) -> Self {
+        self.kafka = config;
         self
     }
 
@@ -192,6 +207,15 @@ impl Application {
                 Arc::new(FulfillmentConsumer::new(store.clone(), self.saga.timing))
                     as Arc<dyn Consumer>,
             );
+        }
+        if self.parts.relay {
+            match &self.kafka {
+                Some(config) => match KafkaRelay::new(config.clone()) {
+                    Ok(relay) => consumers.push(Arc::new(relay) as Arc<dyn Consumer>),
+                    Err(e) => tracing::error!(error = %e, "the Kafka relay cannot start"),
+                },
+                None => tracing::info!("ORDERLINE_KAFKA_BROKERS is unset: the Kafka relay is off"),
+            }
         }
         let subscriptions = (!consumers.is_empty())
             .then(|| Subscriptions::spawn(&self.pool, consumers, &self.runner));

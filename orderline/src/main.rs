@@ -71,6 +71,8 @@ enum Part {
     Projections,
     /// The fulfillment saga: its log consumer and its gateway worker (no HTTP listener).
     Sagas,
+    /// The Kafka relay (no HTTP listener; needs ORDERLINE_KAFKA_BROKERS).
+    Relay,
 }
 
 impl Part {
@@ -87,6 +89,10 @@ impl Part {
             },
             Some(Part::Sagas) => Parts {
                 sagas: true,
+                ..Parts::NONE
+            },
+            Some(Part::Relay) => Parts {
+                relay: true,
                 ..Parts::NONE
             },
         }
@@ -230,7 +236,8 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.addr))?
         .with_gateway(gateway)
-        .with_saga_config(saga);
+        .with_saga_config(saga)
+        .with_kafka(settings.kafka.clone());
     if let Ok(addr) = app.local_addr() {
         tracing::info!(%addr, "orderline is listening");
     }
@@ -239,6 +246,16 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
     }
     if parts.sagas {
         tracing::info!(gateway = ?settings.gateway, "the fulfillment saga is running");
+    }
+    if parts.relay
+        && parts
+            == (Parts {
+                relay: true,
+                ..Parts::NONE
+            })
+        && settings.kafka.is_none()
+    {
+        anyhow::bail!("--only relay needs ORDERLINE_KAFKA_BROKERS");
     }
     app.run_until(shutdown_signal()).await?;
     tracing::info!("shutting down");

@@ -59,6 +59,10 @@ pub struct Settings {
     /// How long an order's payment authorization may take, retries included, before the order
     /// is rejected with `payment_failed` (`ORDERLINE_AUTHORIZATION_DEADLINE_SECS`).
     pub authorization_deadline: std::time::Duration,
+    /// The Kafka relay: `ORDERLINE_KAFKA_BROKERS` (unset: the relay is off), with
+    /// `ORDERLINE_KAFKA_TOPIC_PREFIX` (default `orderline`) and `ORDERLINE_KAFKA_PARTITIONS`
+    /// (default 6) for the topics it creates.
+    pub kafka: Option<kafka_relay::RelayConfig>,
 }
 
 /// The payment provider the fulfillment saga talks to.
@@ -173,6 +177,35 @@ impl Settings {
                 })?,
             None => std::time::Duration::from_secs(60),
         };
+        let kafka = match get("ORDERLINE_KAFKA_BROKERS") {
+            None => None,
+            Some(brokers) => {
+                let mut relay = kafka_relay::RelayConfig::new(brokers);
+                if let Some(prefix) = get("ORDERLINE_KAFKA_TOPIC_PREFIX") {
+                    if !prefix
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    {
+                        return Err(SettingsError {
+                            name: "ORDERLINE_KAFKA_TOPIC_PREFIX",
+                            problem: "may hold only letters, digits, '.', '_' and '-'".into(),
+                        });
+                    }
+                    relay.topic_prefix = prefix;
+                }
+                if let Some(raw) = get("ORDERLINE_KAFKA_PARTITIONS") {
+                    relay.partitions = raw
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| SettingsError {
+                        name: "ORDERLINE_KAFKA_PARTITIONS",
+                        problem: "must be a number from 1 to 1000".into(),
+                    })?;
+                }
+                Some(relay)
+            }
+        };
         Ok(Self {
             database,
             addr,
@@ -181,6 +214,7 @@ impl Settings {
             pool_size,
             gateway,
             authorization_deadline,
+            kafka,
         })
     }
 }

@@ -13,6 +13,7 @@ mod inventory;
 mod log;
 mod orders;
 mod queries;
+mod relay;
 mod sagas;
 mod store;
 mod validation;

@@ -1,0 +1,268 @@
+//! The Kafka relay: the events table is the outbox, and this consumer of the global log
+//! publishes every event to Kafka.
+//!
+//! - One topic per aggregate type: `{prefix}.order`, `{prefix}.inventory`, `{prefix}.payment`
+//!   (prefix `orderline` by default), created on first use if missing.
+//! - Keyed by aggregate id, so one aggregate's events share a partition and keep their order.
+//! - A CloudEvents 1.0 event in Kafka binary mode: the value is the event's JSON; the headers
+//!   are `ce_specversion`, `ce_id` (the event id), `ce_source`, `ce_type`
+//!   (`orderline.order.OrderPlaced.v1`), `ce_time`, `ce_subject` (the aggregate id),
+//!   `ce_correlationid`, `ce_causationid`, `ce_sequence` (in the aggregate) and `ce_position`
+//!   (in the log), and `content-type`.
+//! - The idempotent producer (`enable.idempotence=true`, `acks=all`): the broker writes each
+//!   message once per producer session, in order.
+//! - The checkpoint moves past a page only after the broker acknowledged every message of it
+//!   ([`Consumer::deliver`]). Delivery is **at least once**: a relay that dies after publishing
+//!   and before its checkpoint commits publishes those events again after the restart.
+//!   Consumers dedupe by `ce_id`.
+//! - A broker that is down never blocks commands: the relay's page fails as [`Transient`], the
+//!   runner backs off and retries, and its lag shows in `GET /api/v1/admin/projections`.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use event_store::log::LogEvent;
+use event_store::subscription::{Consumer, ConsumerError, Transient};
+
+/// The relay's consumer name: its checkpoint and lease.
+pub const CONSUMER_NAME: &str = "kafka-relay";
+
+/// Aggregate types the relay knows, and so the topics it creates.
+pub const AGGREGATE_TYPES: [&str; 3] = ["order", "inventory", "payment"];
+
+/// How the relay reaches Kafka.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Bootstrap servers, comma-separated (`ORDERLINE_KAFKA_BROKERS`).
+    pub brokers: String,
+    /// Topic name prefix; topics are `{prefix}.{aggregate_type}`.
+    pub topic_prefix: String,
+    /// Partitions of the topics the relay creates.
+    pub partitions: i32,
+    /// Replication factor of the topics the relay creates.
+    pub replication: i32,
+    /// Whether to create missing topics (with the admin client) before the first publish.
+    pub create_topics: bool,
+    /// How long the producer keeps trying to deliver one message before the page fails.
+    pub message_timeout: Duration,
+}
+
+impl RelayConfig {
+    /// The defaults for `brokers`: prefix `orderline`, 6 partitions, replication 1, topics
+    /// created, 30 s per message.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic_prefix: "orderline".into(),
+            partitions: 6,
+            replication: 1,
+            create_topics: true,
+            message_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The topic of an aggregate type.
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}", self.topic_prefix)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        if self.brokers.contains("127.0.0.1") || self.brokers.contains("localhost") {
+            // librdkafka tries IPv6 first for localhost and waits on it.
+            config.set("broker.address.family", "v4");
+        }
+        config
+    }
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the Kafka producer: {0}")]
+pub struct RelayError(#[from] KafkaError);
+
+/// The relay: a log consumer that publishes (see the module doc).
+pub struct KafkaRelay {
+    config: RelayConfig,
+    producer: FutureProducer,
+    /// Whether the topics are known to exist; checked again after a failure.
+    topics_ready: Mutex<bool>,
+}
+
+impl KafkaRelay {
+    /// A relay publishing with `config`. Connects lazily: a broker that is down now is no error.
+    ///
+    /// # Errors
+    /// [`RelayError`] when the producer configuration is refused.
+    pub fn new(config: RelayConfig) -> Result<Self, RelayError> {
+        let producer: FutureProducer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                config.message_timeout.as_millis().to_string(),
+            )
+            .create()?;
+        Ok(Self {
+            config,
+            producer,
+            topics_ready: Mutex::new(false),
+        })
+    }
+
+    /// Creates the relay's topics if they are missing.
+    async fn ensure_topics(&self) -> Result<(), ConsumerError> {
+        let mut ready = self.topics_ready.lock().await;
+        if *ready || !self.config.create_topics {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .client()
+            .create()
+            .map_err(|e| Transient(format!("admin client: {e}")))?;
+        let names: Vec<String> = AGGREGATE_TYPES
+            .iter()
+            .map(|t| self.config.topic(t))
+            .collect();
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    self.config.partitions,
+                    TopicReplication::Fixed(self.config.replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .create_topics(&topics, &options)
+            .await
+            .map_err(|e| Transient(format!("creating topics: {e}")))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(Box::new(Transient(format!(
+                        "creating topic {topic}: {code}"
+                    ))))
+                }
+            }
+        }
+        tracing::info!(topics = ?names, "Kafka topics are ready");
+        *ready = true;
+        Ok(())
+    }
+}
+
+/// The CloudEvents headers of an event (binary content mode).
+pub fn headers(event: &LogEvent) -> OwnedHeaders {
+    let metadata: Value = serde_json::from_str(event.metadata.get()).unwrap_or(Value::Null);
+    let text = |key: &str| metadata.get(key).and_then(Value::as_str).map(str::to_owned);
+    let id = event.event_id.to_string();
+    let source = format!("urn:orderline:{}", event.aggregate_type);
+    let kind = format!(
+        "orderline.{}.{}.v{}",
+        event.aggregate_type, event.event_type, event.event_version
+    );
+    let time = event.recorded_at.to_rfc3339();
+    let sequence = event.sequence.to_string();
+    let position = event.position.to_string();
+    let mut headers = OwnedHeaders::new();
+    let mut fields: Vec<(&str, String)> = vec![
+        ("ce_specversion", "1.0".into()),
+        ("ce_id", id),
+        ("ce_source", source),
+        ("ce_type", kind),
+        ("ce_time", time),
+        ("ce_subject", event.aggregate_id.clone()),
+        ("ce_sequence", sequence),
+        ("ce_position", position),
+        ("content-type", "application/json".into()),
+    ];
+    if let Some(correlation) = text("correlation_id") {
+        fields.push(("ce_correlationid", correlation));
+    }
+    if let Some(causation) = text("causation_id") {
+        fields.push(("ce_causationid", causation));
+    }
+    for (key, value) in &fields {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_str()),
+        });
+    }
+    headers
+}
+
+#[async_trait::async_trait]
+impl Consumer for KafkaRelay {
+    fn name(&self) -> &str {
+        CONSUMER_NAME
+    }
+
+    /// Nothing to write in Postgres: the checkpoint is the relay's only state.
+    async fn apply(
+        &self,
+        _tx: &mut sqlx::PgConnection,
+        _events: &[LogEvent],
+    ) -> Result<(), ConsumerError> {
+        Ok(())
+    }
+
+    async fn deliver(&self, events: &[LogEvent]) -> Result<(), ConsumerError> {
+        self.ensure_topics().await?;
+        let topics: Vec<String> = events
+            .iter()
+            .map(|e| self.config.topic(&e.aggregate_type))
+            .collect();
+        let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
+        for (event, topic) in events.iter().zip(&topics) {
+            let mut record = FutureRecord::to(topic)
+                .key(event.aggregate_id.as_str())
+                .payload(event.payload.get())
+                .headers(headers(event));
+            // Enqueue in log order; a full local queue waits for what is in flight, so the
+            // order within each partition is the log's.
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        await_all(std::mem::take(&mut pending)).await?;
+                    }
+                    Err((e, _)) => return Err(Box::new(Transient(format!("publishing: {e}")))),
+                }
+            }
+        }
+        await_all(pending).await
+    }
+}
+
+/// Waits until the broker acknowledged every message, or one failed.
+async fn await_all(pending: Vec<DeliveryFuture>) -> Result<(), ConsumerError> {
+    for delivery in futures::future::join_all(pending).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(Box::new(Transient(format!("delivery: {e}")))),
+            Err(_) => return Err(Box::new(Transient("the producer went away".into()))),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! The Kafka relay against librdkafka's in-process mock cluster: every event arrives keyed and
+//! in order with its CloudEvents headers; a broker outage blocks no command and loses no event;
+//! a relay that dies between publishing and its checkpoint republishes, never loses; of two
+//! relays on one database only one publishes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_store::log::LogEvent;
+use event_store::subscription::{Consumer, ConsumerError, RunnerConfig, Subscriptions, Transient};
+use kafka_relay::{KafkaRelay, RelayConfig, AGGREGATE_TYPES};
+use orderline_tests::TestApp;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// One message as read back from Kafka.
+#[derive(Debug, Clone)]
+struct Received {
+    topic: String,
+    key: String,
+    headers: HashMap<String, String>,
+    value: Value,
+}
+
+fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let mock = MockCluster::new(1).unwrap();
+    for aggregate_type in AGGREGATE_TYPES {
+        mock.create_topic(&format!("orderline.{aggregate_type}"), 3, 1)
+            .unwrap();
+    }
+    mock
+}
+
+fn relay_config(brokers: &str) -> RelayConfig {
+    RelayConfig {
+        // The mock cluster does not support the admin API; its topics are made above.
+        create_topics: false,
+        message_timeout: Duration::from_secs(2),
+        ..RelayConfig::new(brokers)
+    }
+}
+
+fn runner() -> RunnerConfig {
+    RunnerConfig {
+        poll_interval: Duration::from_millis(100),
+        lease_retry: Duration::from_millis(200),
+        ..RunnerConfig::default()
+    }
+}
+
+/// Reads every topic from the start until `count` messages arrived, or nothing more came for
+/// 3 s after the first, or 30 s passed.
+fn read_all(brokers: &str, count: usize) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-{}", Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let topics: Vec<String> = AGGREGATE_TYPES
+        .iter()
+        .map(|t| format!("orderline.{t}"))
+        .collect();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).unwrap();
+    let mut received = Vec::new();
+    let started = Instant::now();
+    let mut last = Instant::now();
+    while received.len() < count && started.elapsed() < Duration::from_secs(30) {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            if !received.is_empty() && last.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            continue;
+        };
+        last = Instant::now();
+        let message = message.unwrap();
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                        (h.key.to_owned(), value.unwrap_or_default())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        received.push(Received {
+            topic: message.topic().to_owned(),
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            headers,
+            value: serde_json::from_slice(message.payload().unwrap_or_default()).unwrap(),
+        });
+    }
+    received
+}
+
+/// Every event of the log, by event id.
+async fn log_events(app: &TestApp) -> BTreeMap<String, (String, String, i64, Value)> {
+    let rows: Vec<(Uuid, String, String, i64, Value)> = sqlx::query_as(
+        "SELECT event_id, aggregate_type, aggregate_id, sequence, payload FROM events",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(id, t, a, s, p)| (id.to_string(), (t, a, s, p)))
+        .collect()
+}
+
+/// Orders, cancellations and restocks: events of every aggregate type.
+async fn some_business(app: &TestApp, orders: usize) {
+    app.register_product("A", 100, 1000).await;
+    app.register_product("B", 250, 1000).await;
+    for i in 0..orders {
+        let id = app
+            .placed_order(&format!("c{}", i % 3), &[("A", 1), ("B", 2)])
+            .await;
+        if i % 4 == 0 {
+            let path = format!("/api/v1/orders/{id}/cancel");
+            app.post(&path, Some(&app.admin()), &serde_json::json!({}), &[])
+                .await;
+        }
+        if i % 5 == 0 {
+            app.restock("A", 3).await;
+        }
+    }
+    app.caught_up().await;
+}
+
+/// Checks what Kafka holds against the log: every event there, deduplicated by `ce_id`, on its
+/// aggregate type's topic, keyed by aggregate id, in sequence order per aggregate, with its
+/// headers and payload.
+fn assert_published(received: &[Received], log: &BTreeMap<String, (String, String, i64, Value)>) {
+    let mut seen = HashSet::new();
+    let mut last_sequence: HashMap<(String, String), i64> = HashMap::new();
+    for message in received {
+        let id = &message.headers["ce_id"];
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let (aggregate_type, aggregate_id, sequence, payload) = &log[id];
+        assert_eq!(message.topic, format!("orderline.{aggregate_type}"));
+        assert_eq!(&message.key, aggregate_id);
+        assert_eq!(&message.value, payload);
+        assert_eq!(message.headers["ce_specversion"], "1.0");
+        assert_eq!(&message.headers["ce_subject"], aggregate_id);
+        assert_eq!(message.headers["ce_sequence"], sequence.to_string());
+        assert!(message.headers["ce_type"].starts_with(&format!("orderline.{aggregate_type}.")));
+        assert!(message.headers["ce_type"].ends_with(".v1"));
+        assert!(message.headers.contains_key("ce_time"));
+        assert!(message.headers.contains_key("ce_source"));
+        assert!(message.headers.contains_key("ce_correlationid"));
+        assert!(message.headers.contains_key("ce_causationid"));
+        let stream = (aggregate_type.clone(), aggregate_id.clone());
+        let previous = last_sequence.insert(stream, *sequence);
+        assert_eq!(
+            previous.unwrap_or(0) + 1,
+            *sequence,
+            "{aggregate_id}: out of order or missing"
+        );
+    }
+    let missing: Vec<&String> = log.keys().filter(|id| !seen.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} events never arrived", missing.len());
+}
+
+async fn relay_checkpoint_reaches_the_head(app: &TestApp) {
+    for _ in 0..600 {
+        let behind: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM checkpoints c, events e WHERE c.consumer = 'kafka-relay'
+                AND (e.transaction_id, e.position) > (c.transaction_id, c.position))
+                OR NOT EXISTS (SELECT 1 FROM checkpoints WHERE consumer = 'kafka-relay')",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if !behind {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the relay did not catch up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_arrives_keyed_in_order_with_its_cloudevents_headers() {
+    let app = TestApp::spawn().await;
+    some_business(&app, 12).await;
+    let mock = mock_cluster();
+    let brokers = mock.bootstrap_servers();
+    let relay = KafkaRelay::new(relay_config(&brokers)).unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &runner());
+    relay_checkpoint_reaches_the_head(&app).await;
+    relays.shutdown().await;
+    let log = log_events(&app).await;
+    let count = log.len() + 1;
+    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
+        .await
+        .unwrap();
+    assert_eq!(received.len(), log.len(), "one message per event");
+    assert_published(&received, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_blocks_no_command_and_loses_no_event() {
+    let app = TestApp::spawn().await;
+    let mock = mock_cluster();
+    let brokers = mock.bootstrap_servers();
+    mock.broker_down(1).unwrap();
+    let relay = KafkaRelay::new(relay_config(&brokers)).unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &runner());
+    // Commands go on while the broker is down.
+    some_business(&app, 8).await;
+    // The relay trails the log and says why.
+    let mut error = None;
+    for _ in 0..100 {
+        error = sqlx::query_scalar::<_, Option<String>>(
+            "SELECT last_error FROM checkpoints WHERE consumer = 'kafka-relay'",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+        .flatten();
+        if error.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(error.is_some(), "the relay's error is not visible");
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM checkpoints WHERE consumer = 'kafka-relay'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "running", "an outage must not park the relay");
+    mock.broker_up(1).unwrap();
+    relay_checkpoint_reaches_the_head(&app).await;
+    relays.shutdown().await;
+    let log = log_events(&app).await;
+    let count = log.len();
+    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
+        .await
+        .unwrap();
+    assert_published(&received, &log);
+}
+
+/// A relay whose first checkpoint never commits: it publishes, then "dies".
+struct DiesBeforeFirstCheckpoint {
+    relay: KafkaRelay,
+    died: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Consumer for DiesBeforeFirstCheckpoint {
+    fn name(&self) -> &str {
+        self.relay.name()
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        events: &[LogEvent],
+    ) -> Result<(), ConsumerError> {
+        if !self.died.swap(true, Ordering::SeqCst) {
+            return Err(Box::new(Transient("died before the checkpoint".into())));
+        }
+        self.relay.apply(tx, events).await
+    }
+
+    async fn deliver(&self, events: &[LogEvent]) -> Result<(), ConsumerError> {
+        self.relay.deliver(events).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_dying_between_publish_and_checkpoint_republishes_and_loses_nothing() {
+    let app = TestApp::spawn().await;
+    some_business(&app, 6).await;
+    let mock = mock_cluster();
+    let brokers = mock.bootstrap_servers();
+    let relay = DiesBeforeFirstCheckpoint {
+        relay: KafkaRelay::new(relay_config(&brokers)).unwrap(),
+        died: AtomicBool::new(false),
+    };
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &runner());
+    relay_checkpoint_reaches_the_head(&app).await;
+    relays.shutdown().await;
+    let log = log_events(&app).await;
+    // The first page went out twice: duplicates, then everything once more.
+    let count = 2 * log.len();
+    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
+        .await
+        .unwrap();
+    assert!(
+        received.len() > log.len(),
+        "the first page was not republished"
+    );
+    assert_published(&received, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_two_relays_on_one_database_only_one_publishes() {
+    let app = TestApp::spawn().await;
+    let mock = mock_cluster();
+    let brokers = mock.bootstrap_servers();
+    let first = Subscriptions::spawn(
+        &app.pool,
+        vec![Arc::new(KafkaRelay::new(relay_config(&brokers)).unwrap())],
+        &runner(),
+    );
+    let second = Subscriptions::spawn(
+        &app.pool,
+        vec![Arc::new(KafkaRelay::new(relay_config(&brokers)).unwrap())],
+        &runner(),
+    );
+    some_business(&app, 8).await;
+    relay_checkpoint_reaches_the_head(&app).await;
+    first.shutdown().await;
+    second.shutdown().await;
+    let log = log_events(&app).await;
+    // Ask for more than there should be: any duplicate would show.
+    let count = log.len() + 1;
+    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
+        .await
+        .unwrap();
+    assert_eq!(received.len(), log.len(), "an event was published twice");
+    assert_published(&received, &log);
+}
