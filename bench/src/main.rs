@@ -6,6 +6,8 @@
 //!   and the rebuild of every projection.
 //! - `lag --seconds S --rate R`: runs the server in this process, sends R commands a second
 //!   (orders and restocks) for S seconds, and samples how far each projection trails the log.
+//! - `relay --events N [--brokers B]`: writes a log of N events, then times a Kafka producer
+//!   alone sending them and the relay publishing them, to the same broker.
 //! - `fulfillment --seconds S --rate R`: places R orders a second for S seconds and reports the
 //!   time from placement to `confirmed` (p50, p99) and the orders confirmed per second.
 //!
@@ -21,6 +23,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 mod generate;
 mod lag;
+mod relay;
 mod replay;
 mod saga;
 mod server;
@@ -52,6 +55,16 @@ enum Scenario {
         /// Commands per second.
         #[arg(long, default_value_t = 200)]
         rate: u64,
+    },
+    /// Kafka relay throughput over a generated log, against a producer alone.
+    Relay {
+        /// Events in the generated log.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// Bootstrap servers of the broker (default: `ORDERLINE_KAFKA_BROKERS`, else
+        /// 127.0.0.1:9092).
+        #[arg(long)]
+        brokers: Option<String>,
     },
     /// Placement-to-confirmed latency and confirmed orders per second under a steady load.
     Fulfillment {
@@ -140,6 +153,12 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Replay { events } => replay::run(&database.pool, events).await,
         Scenario::Lag { seconds, rate } => {
             lag::run(&database.pool, Duration::from_secs(seconds), rate).await
+        }
+        Scenario::Relay { events, brokers } => {
+            let brokers = brokers
+                .or_else(|| std::env::var("ORDERLINE_KAFKA_BROKERS").ok())
+                .unwrap_or_else(|| "127.0.0.1:9092".into());
+            relay::run(&database.pool, events, &brokers).await
         }
         Scenario::Fulfillment { seconds, rate } => {
             saga::run(&database.pool, Duration::from_secs(seconds), rate).await

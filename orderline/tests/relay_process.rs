@@ -1,0 +1,200 @@
+//! End to end across processes with a real Kafka-protocol broker (tansu, started by
+//! `scripts/test`): the real server publishes through its relay while orders run through the
+//! saga, and a separate consumer here reads every event of the run, keyed by aggregate and in
+//! sequence order per aggregate.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use api_common::auth::{Role, TokenKeys};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use sqlx::{Connection, PgConnection, PgPool};
+
+mod support;
+use support::{free_port, fresh_database, orderline, server_url, SECRET};
+
+const ORDERS: usize = 30;
+
+fn brokers() -> String {
+    std::env::var("ORDERLINE_TEST_KAFKA_BROKERS").expect(
+        "ORDERLINE_TEST_KAFKA_BROKERS: run the tests with scripts/test, which starts a broker",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_broker() {
+    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
+    let (database, url) = fresh_database(&mut admin, "orderline_relay").await;
+    // Topics of this run only: the broker outlives test runs.
+    let prefix = format!("orderline-test-{}", uuid::Uuid::new_v4().simple());
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let brokers = brokers();
+    let mut server = orderline(
+        &url,
+        port,
+        &["serve"],
+        &[
+            ("ORDERLINE_KAFKA_BROKERS", brokers.as_str()),
+            ("ORDERLINE_KAFKA_TOPIC_PREFIX", prefix.as_str()),
+            ("ORDERLINE_KAFKA_PARTITIONS", "3"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        let ready = client.get(format!("{base}/health/ready")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keys = TokenKeys::hs256(SECRET.as_bytes());
+    let ops = keys
+        .mint("ops", Role::Admin, Duration::from_secs(600))
+        .unwrap();
+    let customer = keys
+        .mint("c1", Role::Customer, Duration::from_secs(600))
+        .unwrap();
+    let created = client
+        .post(format!("{base}/api/v1/products"))
+        .bearer_auth(&ops)
+        .json(
+            &json!({"sku": "A", "name": "A", "price": {"amount_minor": 100, "currency": "EUR"},
+                      "initial_stock": 20}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for _ in 0..ORDERS {
+        let placed = client
+            .post(format!("{base}/api/v1/orders"))
+            .bearer_auth(&customer)
+            .json(
+                &json!({"lines": [{"sku": "A", "quantity": 1}], "payment": {"token": "tok_visa"}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(placed.status(), 202);
+    }
+
+    // Wait until the sagas are done and the relay has published the whole log.
+    let pool = PgPool::connect(&url).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let done: bool = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM sagas WHERE state IN ('confirmed', 'completed')) = $1
+                AND NOT EXISTS (SELECT 1 FROM checkpoints c, events e
+                                 WHERE c.consumer IN ('kafka-relay', 'fulfillment')
+                                   AND (e.transaction_id, e.position) > (c.transaction_id, c.position))
+                AND (SELECT count(*) FROM checkpoints WHERE consumer = 'kafka-relay') = 1",
+        )
+        .bind(i64::try_from(ORDERS).unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the relay did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let log: Vec<(uuid::Uuid, String, String, i64)> = sqlx::query_as(
+        "SELECT event_id, aggregate_type, aggregate_id, sequence FROM events ORDER BY position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let log: HashMap<String, (String, String, i64)> = log
+        .into_iter()
+        .map(|(id, t, a, s)| (id.to_string(), (t, a, s)))
+        .collect();
+
+    // A separate consumer reads the run's topics from the start.
+    let topics: Vec<String> = ["order", "inventory", "payment"]
+        .iter()
+        .map(|t| format!("{prefix}.{t}"))
+        .collect();
+    let expected = log.len();
+    let received = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("broker.address.family", "v4")
+            .set("group.id", format!("{prefix}-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).unwrap();
+        let mut received: Vec<(String, String, HashMap<String, String>)> = Vec::new();
+        let started = Instant::now();
+        let mut ids = HashSet::new();
+        while ids.len() < expected && started.elapsed() < Duration::from_secs(60) {
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message.unwrap();
+            let headers: HashMap<String, String> = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                            (h.key.to_owned(), value.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            ids.insert(headers["ce_id"].clone());
+            let key = String::from_utf8_lossy(message.key().unwrap()).into_owned();
+            received.push((message.topic().to_owned(), key, headers));
+        }
+        received
+    })
+    .await
+    .unwrap();
+
+    let mut seen = HashSet::new();
+    let mut last: HashMap<(String, String), i64> = HashMap::new();
+    for (topic, key, headers) in &received {
+        let id = &headers["ce_id"];
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let (aggregate_type, aggregate_id, sequence) = &log[id];
+        assert!(topic.ends_with(&format!(".{aggregate_type}")), "{topic}");
+        assert_eq!(key, aggregate_id);
+        assert_eq!(&headers["ce_sequence"], &sequence.to_string());
+        let before = last.insert((aggregate_type.clone(), aggregate_id.clone()), *sequence);
+        assert_eq!(
+            before.unwrap_or(0) + 1,
+            *sequence,
+            "{aggregate_type} {aggregate_id}"
+        );
+    }
+    assert_eq!(seen.len(), log.len(), "every event of the run arrived");
+    // Every order was placed and then confirmed (20) or rejected (10): the run went through
+    // the saga, and the saga's events were published too.
+    let order_events = log.values().filter(|(t, _, _)| t == "order").count();
+    assert_eq!(order_events, ORDERS * 2);
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
