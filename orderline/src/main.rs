@@ -73,6 +73,10 @@ enum Part {
     Sagas,
     /// The Kafka relay (no HTTP listener; needs ORDERLINE_KAFKA_BROKERS).
     Relay,
+    /// The notifications integrator: reads the Kafka topics and sends e-mail (or logs) when
+    /// orders are confirmed, rejected, cancelled or shipped and when stock runs low. Needs
+    /// ORDERLINE_KAFKA_BROKERS; runs only when asked for.
+    Notifications,
 }
 
 impl Part {
@@ -95,6 +99,7 @@ impl Part {
                 relay: true,
                 ..Parts::NONE
             },
+            Some(Part::Notifications) => Parts::NONE,
         }
     }
 }
@@ -148,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Serve {
+            only: Some(Part::Notifications),
+        } => notifications(settings).await,
         Cmd::Serve { only } => serve(settings, Part::parts(only)).await,
         Cmd::Replay { name, all } => {
             let chosen = match (name, all) {
@@ -259,6 +267,54 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
     }
     app.run_until(shutdown_signal()).await?;
     tracing::info!("shutting down");
+    pool.close().await;
+    if let Some(local) = local {
+        local.stop().await;
+    }
+    Ok(())
+}
+
+/// `serve --only notifications`: the notifications integrator until SIGTERM or Ctrl-C.
+async fn notifications(settings: Settings) -> anyhow::Result<()> {
+    use integrations::inbox::{InboxConfig, InboxConsumer};
+    use integrations::notifications::{
+        LogNotifier, NotificationsHandler, Notifier, Sender, SenderConfig, SmtpNotifier,
+    };
+    let kafka = settings
+        .kafka
+        .clone()
+        .context("--only notifications needs ORDERLINE_KAFKA_BROKERS")?;
+    let (pool, local) = open_database(&settings).await?;
+    event_store::MIGRATOR
+        .run(&pool)
+        .await
+        .context("migration failed")?;
+    let notifier: Arc<dyn Notifier> = match settings.smtp.clone() {
+        Some(smtp) => {
+            tracing::info!(
+                host = smtp.host,
+                port = smtp.port,
+                "notifications go out by SMTP"
+            );
+            Arc::new(SmtpNotifier::new(smtp))
+        }
+        None => {
+            tracing::info!("ORDERLINE_NOTIFY_SMTP_HOST is unset: notifications go to the log");
+            Arc::new(LogNotifier)
+        }
+    };
+    let topics = vec![kafka.topic("order"), kafka.topic("inventory")];
+    let consumer = InboxConsumer::spawn(
+        pool.clone(),
+        &InboxConfig::new(kafka.brokers.clone(), topics),
+        Arc::new(NotificationsHandler),
+    )
+    .context("cannot join the Kafka consumer group")?;
+    let sender = Sender::spawn(pool.clone(), notifier, SenderConfig::default());
+    tracing::info!("the notifications integrator is running");
+    shutdown_signal().await;
+    consumer.stop().await;
+    sender.stop().await;
     pool.close().await;
     if let Some(local) = local {
         local.stop().await;

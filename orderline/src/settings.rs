@@ -63,6 +63,10 @@ pub struct Settings {
     /// `ORDERLINE_KAFKA_TOPIC_PREFIX` (default `orderline`) and `ORDERLINE_KAFKA_PARTITIONS`
     /// (default 6) for the topics it creates.
     pub kafka: Option<kafka_relay::RelayConfig>,
+    /// Where the notifications integrator sends: `ORDERLINE_NOTIFY_SMTP_HOST` (unset: to the
+    /// log), `ORDERLINE_NOTIFY_SMTP_PORT` (25), `ORDERLINE_NOTIFY_FROM`,
+    /// `ORDERLINE_NOTIFY_CUSTOMER_DOMAIN` and `ORDERLINE_NOTIFY_OPERATORS`.
+    pub smtp: Option<integrations::notifications::SmtpConfig>,
 }
 
 /// The payment provider the fulfillment saga talks to.
@@ -206,6 +210,24 @@ impl Settings {
                 Some(relay)
             }
         };
+        let smtp = match get("ORDERLINE_NOTIFY_SMTP_HOST") {
+            None => None,
+            Some(host) => Some(integrations::notifications::SmtpConfig {
+                host,
+                port: match get("ORDERLINE_NOTIFY_SMTP_PORT") {
+                    Some(raw) => raw.parse().map_err(|_| SettingsError {
+                        name: "ORDERLINE_NOTIFY_SMTP_PORT",
+                        problem: "must be a port number".into(),
+                    })?,
+                    None => 25,
+                },
+                from: get("ORDERLINE_NOTIFY_FROM").unwrap_or_else(|| "orderline@localhost".into()),
+                customer_domain: get("ORDERLINE_NOTIFY_CUSTOMER_DOMAIN")
+                    .unwrap_or_else(|| "customers.invalid".into()),
+                operators: get("ORDERLINE_NOTIFY_OPERATORS")
+                    .unwrap_or_else(|| "operators@localhost".into()),
+            }),
+        };
         Ok(Self {
             database,
             addr,
@@ -215,6 +237,7 @@ impl Settings {
             gateway,
             authorization_deadline,
             kafka,
+            smtp,
         })
     }
 }

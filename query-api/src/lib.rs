@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod notifications;
 pub mod orders;
 pub mod payments;
 pub mod sagas;
@@ -63,6 +64,11 @@ pub fn router(state: QueryState) -> Router {
         .route(
             "/api/v1/admin/projections/{name}/rebuild",
             post(admin::rebuild),
+        )
+        .route("/api/v1/admin/notifications", get(notifications::list))
+        .route(
+            "/api/v1/admin/notifications/{event_id}/retry",
+            post(notifications::retry),
         )
         .route("/api/v1/admin/sagas", get(sagas::list))
         .route("/api/v1/admin/sagas/{order_id}", get(sagas::one))

@@ -11,6 +11,7 @@ mod gateway;
 mod idempotency;
 mod inventory;
 mod log;
+mod notifications;
 mod orders;
 mod queries;
 mod relay;

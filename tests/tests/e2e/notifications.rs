@@ -1,0 +1,293 @@
+//! The notifications integrator end to end: orders through the saga, the relay publishing to
+//! the mock cluster, the integrator consuming (stopped and restarted mid-stream, then made to
+//! read everything again), and an SMTP sink started here receiving exactly one message per
+//! notifying event.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_store::subscription::{RunnerConfig, Subscriptions};
+use integrations::inbox::{InboxConfig, InboxConsumer};
+use integrations::notifications::{
+    Notification, NotificationsHandler, Notifier, NotifyError, Sender, SenderConfig, SmtpConfig,
+    SmtpNotifier,
+};
+use kafka_relay::{KafkaRelay, RelayConfig, AGGREGATE_TYPES};
+use orderline_tests::{json_body, TestApp};
+use rdkafka::mocking::MockCluster;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// A minimal SMTP server that accepts every message and keeps its text.
+async fn smtp_sink() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 sink ready\r\n").await.ok();
+                let mut data: Option<String> = None;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Some(message) = data.as_mut() {
+                        if line == "." {
+                            store.lock().unwrap().push(data.take().unwrap());
+                            write.write_all(b"250 queued\r\n").await.ok();
+                        } else {
+                            message.push_str(&line);
+                            message.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 sink\r\n",
+                        "DATA" => {
+                            data = Some(String::new());
+                            b"354 go ahead\r\n"
+                        }
+                        "QUIT" => {
+                            write.write_all(b"221 bye\r\n").await.ok();
+                            return;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    write.write_all(answer).await.ok();
+                }
+            });
+        }
+    });
+    (port, received)
+}
+
+async fn cancel(app: &TestApp, id: &str) {
+    let path = format!("/api/v1/orders/{id}/cancel");
+    app.post(&path, Some(&app.admin()), &json!({}), &[]).await;
+}
+
+async fn ship(app: &TestApp, id: &str) {
+    let path = format!("/api/v1/orders/{id}/ship");
+    app.post(&path, Some(&app.admin()), &json!({"carrier": "DHL"}), &[])
+        .await;
+}
+
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_order_outcome_and_low_stock_sends_exactly_one_message_across_restarts() {
+    let app = TestApp::spawn().await;
+    // Threshold 2: the fourth unit reserved crosses it.
+    app.register_product("A", 500, 5).await;
+    let mut orders = Vec::new();
+    for token in ["tok_visa", "tok_declined", "tok_visa", "tok_visa"] {
+        let response = app
+            .place_order_paying("ana@example.com", &[("A", 1)], token)
+            .await;
+        orders.push(
+            json_body(response).await["order_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    app.caught_up().await;
+    cancel(&app, &orders[2]).await;
+    ship(&app, &orders[3]).await;
+    app.caught_up().await;
+    // Notifying events: 3 confirmed, 1 rejected, 1 cancelled, 1 shipped, and low stock.
+    let expected = count(
+        &app,
+        "SELECT count(*) FROM events WHERE event_type IN ('OrderConfirmed', 'OrderRejected',
+            'OrderCancelled', 'OrderShipped', 'LowStockReached')",
+    )
+    .await;
+    assert!(expected >= 7, "{expected}");
+
+    let mock = MockCluster::new(1).unwrap();
+    for aggregate_type in AGGREGATE_TYPES {
+        mock.create_topic(&format!("orderline.{aggregate_type}"), 2, 1)
+            .unwrap();
+    }
+    let brokers = mock.bootstrap_servers();
+    let relay = KafkaRelay::new(RelayConfig {
+        create_topics: false,
+        ..RelayConfig::new(&brokers)
+    })
+    .unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &RunnerConfig::default());
+
+    let topics = vec![
+        "orderline.order".to_owned(),
+        "orderline.inventory".to_owned(),
+    ];
+    let config = InboxConfig::new(&brokers, topics);
+    // The first consumer stops mid-stream; a second one in the same group takes over.
+    let first =
+        InboxConsumer::spawn(app.pool.clone(), &config, Arc::new(NotificationsHandler)).unwrap();
+    until("some events handled", async || {
+        count(&app, "SELECT count(*) FROM inbox").await >= 3
+    })
+    .await;
+    first.stop().await;
+    let second =
+        InboxConsumer::spawn(app.pool.clone(), &config, Arc::new(NotificationsHandler)).unwrap();
+    until("every notification recorded", async || {
+        count(&app, "SELECT count(*) FROM notifications").await >= expected
+    })
+    .await;
+    second.stop().await;
+    // A consumer in a new group reads everything again: the inbox makes it a no-op.
+    let replay = InboxConsumer::spawn(
+        app.pool.clone(),
+        &InboxConfig {
+            group_id: Some("notifications-replay".into()),
+            ..config.clone()
+        },
+        Arc::new(NotificationsHandler),
+    )
+    .unwrap();
+    let events = count(
+        &app,
+        "SELECT count(*) FROM events WHERE aggregate_type IN ('order', 'inventory')",
+    )
+    .await;
+    until("the replay read everything", async || {
+        // Each event is in the inbox once, however often it was delivered.
+        count(&app, "SELECT count(*) FROM inbox").await >= events
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    replay.stop().await;
+    relays.shutdown().await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM notifications").await,
+        expected
+    );
+
+    let (port, received) = smtp_sink().await;
+    let sender = Sender::spawn(
+        app.pool.clone(),
+        Arc::new(SmtpNotifier::new(SmtpConfig {
+            host: "127.0.0.1".into(),
+            port,
+            from: "orderline@example.com".into(),
+            customer_domain: "customers.example".into(),
+            operators: "ops@example.com".into(),
+        })),
+        SenderConfig {
+            idle_poll: Duration::from_millis(50),
+            ..SenderConfig::default()
+        },
+    );
+    until("every notification sent", async || {
+        count(
+            &app,
+            "SELECT count(*) FROM notifications WHERE state = 'sent'",
+        )
+        .await
+            == expected
+    })
+    .await;
+    sender.stop().await;
+    let messages = received.lock().unwrap().clone();
+    assert_eq!(i64::try_from(messages.len()).unwrap(), expected);
+    let ids: std::collections::HashSet<String> = messages
+        .iter()
+        .filter_map(|m| {
+            m.lines()
+                .find(|l| l.to_lowercase().starts_with("message-id:"))
+        })
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), messages.len(), "one message per event");
+    let to_ana = messages
+        .iter()
+        .filter(|m| m.contains("To: ana@example.com"))
+        .count();
+    assert_eq!(to_ana, 6, "{messages:?}");
+    assert!(messages
+        .iter()
+        .any(|m| m.contains("Low stock: A") && m.contains("To: ops@example.com")));
+    assert!(messages
+        .iter()
+        .any(|m| m.contains("could not be accepted") && m.contains("payment_declined")));
+}
+
+/// A mail server that is always down.
+struct Down;
+
+#[async_trait::async_trait]
+impl Notifier for Down {
+    async fn send(&self, _: &Notification) -> Result<(), NotifyError> {
+        Err(NotifyError("connection refused".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_notification_that_keeps_failing_is_parked_with_its_error_and_can_be_retried() {
+    let app = TestApp::spawn_without_sagas().await;
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO notifications (event_id, kind, recipient, subject, body)
+         VALUES ($1, 'order_confirmed', 'customer:c1', 'Hello', 'World')",
+    )
+    .bind(id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let sender = Sender::spawn(
+        app.pool.clone(),
+        Arc::new(Down),
+        SenderConfig {
+            max_attempts: 3,
+            retry_base: Duration::from_millis(10),
+            idle_poll: Duration::from_millis(20),
+            ..SenderConfig::default()
+        },
+    );
+    until("parked", async || {
+        count(
+            &app,
+            "SELECT count(*) FROM notifications WHERE state = 'parked'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    sender.stop().await;
+    let (attempts, error): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM notifications WHERE event_id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 3);
+    assert!(error.contains("connection refused"));
+    assert!(integrations::notifications::retry(&app.pool, id)
+        .await
+        .unwrap());
+    assert!(!integrations::notifications::retry(&app.pool, id)
+        .await
+        .unwrap());
+}
