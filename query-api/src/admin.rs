@@ -66,16 +66,18 @@ pub async fn events(
 /// One consumer's progress.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct ConsumerView {
-    name: String,
+    /// The consumer's name.
+    pub name: String,
     /// Position of the last event applied.
-    position: i64,
+    pub position: i64,
     /// Events in the log after it.
-    lag: i64,
+    pub lag: i64,
     /// Age of the oldest event not applied yet, in seconds (0 when caught up).
-    lag_seconds: f64,
+    pub lag_seconds: f64,
     /// `running` or `parked`.
-    state: String,
-    events_applied: i64,
+    pub state: String,
+    /// Events applied since the consumer began.
+    pub events_applied: i64,
     last_error: Option<String>,
     last_error_at: Option<DateTime<Utc>>,
     parked_position: Option<i64>,
@@ -98,7 +100,16 @@ pub async fn projections(
     State(state): State<QueryState>,
     _: Admin,
 ) -> Result<Json<ConsumersPage>, ApiError> {
-    let items: Vec<ConsumerView> = sqlx::query_as(
+    let items = consumers(&state.pool).await?;
+    Ok(Json(ConsumersPage { items }))
+}
+
+/// Every log consumer's progress, by name.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn consumers(pool: &sqlx::PgPool) -> sqlx::Result<Vec<ConsumerView>> {
+    sqlx::query_as(
         "SELECT c.consumer AS name, c.position, c.state, c.events_applied, c.last_error,
                 c.last_error_at, c.parked_position, c.rebuild_position,
                 (SELECT count(*) FROM events e
@@ -109,9 +120,8 @@ pub async fn projections(
                      ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0) AS lag_seconds
            FROM checkpoints c ORDER BY c.consumer",
     )
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(Json(ConsumersPage { items }))
+    .fetch_all(pool)
+    .await
 }
 
 /// `POST /api/v1/admin/projections/{name}/rebuild`: 202 and the rebuild runs in the background;

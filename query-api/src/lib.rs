@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod metrics;
 pub mod notifications;
 pub mod orders;
 pub mod payments;
@@ -65,6 +66,7 @@ pub fn router(state: QueryState) -> Router {
             "/api/v1/admin/projections/{name}/rebuild",
             post(admin::rebuild),
         )
+        .route("/metrics", get(metrics::metrics))
         .route("/api/v1/admin/notifications", get(notifications::list))
         .route(
             "/api/v1/admin/notifications/{event_id}/retry",

@@ -211,3 +211,31 @@ async fn a_second_rebuild_of_the_same_projection_is_409() {
         .await;
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn metrics_expose_each_consumers_position_and_lag_for_prometheus() {
+    let app = TestApp::spawn().await;
+    app.register_product("A", 1, 1).await;
+    app.caught_up().await;
+    let response = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    for line in [
+        "orderline_log_head_position 1",
+        "orderline_consumer_position{consumer=\"orders\"} 1",
+        "orderline_consumer_lag_events{consumer=\"inventory\"} 0",
+        "orderline_consumer_parked{consumer=\"fulfillment\"} 0",
+        "# TYPE orderline_consumer_events_applied_total counter",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,100 @@
+//! `GET /metrics`: Prometheus text exposition, computed from the database on each scrape, so
+//! every process reports the same numbers and none has to be the one scraped.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use api_common::error::ApiError;
+
+use crate::admin;
+use crate::QueryState;
+
+/// The metrics: the log's head, each consumer's position, lag (events, seconds), events applied
+/// and parked state (projections, the saga, the Kafka relay), sagas and notifications by state.
+///
+/// # Errors
+/// 500 when the database cannot be read.
+pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoResponse, ApiError> {
+    let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(&state.pool)
+        .await?;
+    let consumers = admin::consumers(&state.pool).await?;
+    let sagas: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM sagas GROUP BY state ORDER BY state")
+            .fetch_all(&state.pool)
+            .await?;
+    let notifications: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM notifications GROUP BY state ORDER BY state")
+            .fetch_all(&state.pool)
+            .await?;
+
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let by_consumer = |f: &dyn Fn(&admin::ConsumerView) -> String| {
+        consumers
+            .iter()
+            .map(|c| (format!("{{consumer=\"{}\"}}", c.name), f(c)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "orderline_log_head_position",
+        "gauge",
+        "Position of the newest event in the log.",
+        vec![(String::new(), head.unwrap_or(0).to_string())],
+    );
+    family(
+        "orderline_consumer_position",
+        "gauge",
+        "Position of the last event a log consumer applied.",
+        by_consumer(&|c| c.position.to_string()),
+    );
+    family(
+        "orderline_consumer_lag_events",
+        "gauge",
+        "Events in the log a consumer has not applied yet.",
+        by_consumer(&|c| c.lag.to_string()),
+    );
+    family(
+        "orderline_consumer_lag_seconds",
+        "gauge",
+        "Age of the oldest event a consumer has not applied yet.",
+        by_consumer(&|c| c.lag_seconds.to_string()),
+    );
+    family(
+        "orderline_consumer_events_applied_total",
+        "counter",
+        "Events a consumer has applied.",
+        by_consumer(&|c| c.events_applied.to_string()),
+    );
+    family(
+        "orderline_consumer_parked",
+        "gauge",
+        "1 while a consumer is parked on a poison event.",
+        by_consumer(&|c| u8::from(c.state == "parked").to_string()),
+    );
+    family(
+        "orderline_sagas",
+        "gauge",
+        "Fulfillment sagas by state.",
+        sagas
+            .into_iter()
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.to_string()))
+            .collect(),
+    );
+    family(
+        "orderline_notifications",
+        "gauge",
+        "Notifications by state.",
+        notifications
+            .into_iter()
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.to_string()))
+            .collect(),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
