@@ -19,22 +19,10 @@ use sqlx::{Connection, PgConnection, PgPool};
 const REQUESTS: usize = 300;
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, SECRET};
+use support::{free_port, fresh_database, orderline, server_url, wait_ready, SECRET};
 
 fn start(database_url: &str, port: u16) -> Child {
     orderline(database_url, port, &["serve"], &[])
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    for _ in 0..200 {
-        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server did not become ready");
 }
 
 /// Sends restock `i` (quantity i + 1) with idempotency key `restock-i`; `Some(body)` if acked.

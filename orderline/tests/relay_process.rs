@@ -19,7 +19,7 @@ use serde_json::json;
 use sqlx::{Connection, PgConnection, PgPool};
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, SECRET};
+use support::{free_port, fresh_database, orderline, server_url, wait_ready, SECRET};
 
 const ORDERS: usize = 30;
 
@@ -49,13 +49,7 @@ async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_br
         ],
     );
     let client = reqwest::Client::new();
-    for _ in 0..200 {
-        let ready = client.get(format!("{base}/health/ready")).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &base).await;
     let keys = TokenKeys::hs256(SECRET.as_bytes());
     let ops = keys
         .mint("ops", Role::Admin, Duration::from_secs(600))

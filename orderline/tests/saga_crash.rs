@@ -35,7 +35,7 @@ const CRASH_POINTS: [(&str, &str); 4] = [
 ];
 
 mod support;
-use support::{free_port, fresh_database, server_url, SECRET};
+use support::{free_port, fresh_database, server_url, wait_ready, SECRET};
 
 fn orderline(database_url: &str, port: u16, only: &str, env: &[(&str, &str)]) -> Child {
     support::orderline(database_url, port, &["serve", "--only", only], env)
@@ -98,13 +98,7 @@ async fn a_saga_runner_killed_at_every_step_boundary_completes_every_order_exact
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut api = orderline(&url, port, "api", &[]);
-    for _ in 0..200 {
-        let ready = client.get(format!("{base}/health/ready")).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&client, &base).await;
     for sku in ["A", "B"] {
         let created = client
             .post(format!("{base}/api/v1/products"))

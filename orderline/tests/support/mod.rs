@@ -51,3 +51,16 @@ pub fn orderline(database_url: &str, port: u16, args: &[&str], env: &[(&str, &st
         .spawn()
         .unwrap()
 }
+
+/// Waits (up to 10 s) until the server at `base` answers `/health/ready`.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("server did not become ready");
+}

@@ -236,6 +236,9 @@ async fn metrics_expose_each_consumers_position_and_lag_for_prometheus() {
         "orderline_consumer_parked{consumer=\"fulfillment\"} 0",
         "# TYPE orderline_consumer_events_applied_total counter",
     ] {
-        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
     }
 }
