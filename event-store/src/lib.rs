@@ -11,10 +11,13 @@
 //!   loaded; a concurrent writer that got there first makes the primary key refuse the insert,
 //!   which surfaces as [`StoreError::Conflict`].
 
+pub mod chain;
+pub mod history;
 pub mod idempotency;
 pub mod log;
 pub mod subscription;
 pub mod unit_of_work;
+pub mod verify;
 
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
@@ -105,6 +108,8 @@ pub struct Loaded<A> {
     /// The sequence number of the last stored event (0 for a new aggregate).
     pub version: usize,
     snapshot_version: usize,
+    /// Hash of the newest event, as read under the write lock; what the next append chains to.
+    last_hash: Option<Vec<u8>>,
 }
 
 impl<A> Loaded<A> {
@@ -115,7 +120,7 @@ impl<A> Loaded<A> {
 }
 
 /// Where an append landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     /// Global position of the last event written.
     pub position: i64,
@@ -123,6 +128,8 @@ pub struct Appended {
     pub version: usize,
     /// Whether a snapshot at `version` was written with the events.
     pub snapshotted: bool,
+    /// Hash of the last event written (see [`chain`]).
+    pub last_hash: Vec<u8>,
 }
 
 /// The event store. Cheap to clone: it shares one connection pool.
@@ -135,10 +142,10 @@ pub struct EventStore {
 const INSERT_EVENTS: &str = "
 WITH inserted AS (
     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                        payload, metadata, event_id)
-    SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload, $3, e.event_id
-      FROM unnest($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::uuid[])
-           AS e(sequence, event_type, event_version, payload, event_id)
+                        payload, metadata, event_id, hash)
+    SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload, $3, e.event_id, e.hash
+      FROM unnest($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::uuid[], $9::bytea[])
+           AS e(sequence, event_type, event_version, payload, event_id, hash)
     RETURNING position)
 SELECT max(position) FROM inserted";
 
@@ -206,6 +213,7 @@ impl EventStore {
             aggregate,
             version,
             snapshot_version,
+            last_hash: None,
         })
     }
 
@@ -241,6 +249,32 @@ impl EventStore {
                 source,
             })?;
         let event_ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let metadata_value =
+            serde_json::to_value(metadata).map_err(|source| StoreError::Corrupt {
+                what: "metadata",
+                aggregate_type: A::TYPE,
+                aggregate_id: id.to_owned(),
+                source,
+            })?;
+        let mut hashes: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let previous = match i {
+                0 => loaded.last_hash.as_deref(),
+                _ => Some(hashes[i - 1].as_slice()),
+            };
+            let hash = chain::Hashed {
+                event_id: event_ids[i],
+                aggregate_type: A::TYPE,
+                aggregate_id: id,
+                sequence: sequences[i],
+                event_type: &types[i],
+                event_version: &versions[i],
+                payload: &payloads[i],
+                metadata: &metadata_value,
+            }
+            .hash(previous);
+            hashes.push(hash);
+        }
         let metadata = sqlx::types::Json(metadata);
         let position: Option<i64> = sqlx::query_scalar(INSERT_EVENTS)
             .bind(A::TYPE)
@@ -251,6 +285,7 @@ impl EventStore {
             .bind(&versions)
             .bind(&payloads)
             .bind(&event_ids)
+            .bind(&hashes)
             .fetch_one(&mut *conn)
             .await
             .map_err(conflict_or_database)?;
@@ -270,6 +305,7 @@ impl EventStore {
             position: position.unwrap_or_default(),
             version,
             snapshotted,
+            last_hash: hashes.pop().unwrap_or_default(),
         })
     }
 
@@ -304,18 +340,20 @@ impl EventStore {
         // in sequence order. A transaction that got its id (by an earlier write) before another
         // one appended to this aggregate and committed would put its event after theirs in
         // sequence but before it in the log. It must start over with a new, larger id.
-        let overtaken: Option<bool> = sqlx::query_scalar(
-            "SELECT transaction_id > pg_current_xact_id_if_assigned() FROM events
+        let newest: Option<(Option<bool>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT transaction_id > pg_current_xact_id_if_assigned(), hash FROM events
               WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
         )
         .bind(A::TYPE)
         .bind(id)
         .fetch_optional(&mut *conn)
-        .await?
-        .flatten();
+        .await?;
+        let (overtaken, last_hash) = newest.unwrap_or_default();
         if overtaken == Some(true) {
             return Err(StoreError::Conflict);
         }
+        // The next append chains to the newest event's hash (ADR 9).
+        loaded.last_hash = last_hash;
         let newer: Vec<(i64, Value)> = sqlx::query_as(
             "SELECT sequence, payload FROM events
               WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3

@@ -69,6 +69,7 @@ impl UnitOfWork {
                 loaded.snapshot_version = appended.version;
             }
             loaded.version = appended.version;
+            loaded.last_hash = Some(appended.last_hash);
             loaded.aggregate = after;
         }
         self.loaded.insert(key, Box::new(loaded));

@@ -6,6 +6,7 @@
 //! Kafka relay. The binary (`main.rs`) adds settings, the private Postgres cluster,
 //! migrations and signal handling. Tests use [`Application`] on port 0.
 
+pub mod audit;
 pub mod local_postgres;
 pub mod settings;
 

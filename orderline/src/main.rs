@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use api_common::auth::{Role, TokenKeys};
+use event_store::{history, verify};
 use indicatif::{ProgressBar, ProgressStyle};
 use orderline::local_postgres::{self, LocalPostgres};
 use orderline::settings::{Database, Gateway, Settings};
-use orderline::{Application, Parts};
+use orderline::{audit, Application, Parts};
 use projections::rebuild::{self, RebuildLock};
 use sagas::fulfillment::Timing;
 use sagas::gateway::simulated::SimulatedGateway;
@@ -38,6 +39,58 @@ enum Cmd {
     },
     /// Apply pending migrations and exit.
     Migrate,
+    /// The log, filtered: one stream, one flow (correlation id), after a position; --follow
+    /// tails it live.
+    Events {
+        /// One stream, as TYPE/ID (e.g. inventory/MUG-1).
+        #[arg(long, value_parser = audit::parse_stream)]
+        aggregate: Option<(String, String)>,
+        /// One flow: every event with this correlation id.
+        #[arg(long)]
+        correlation: Option<uuid::Uuid>,
+        /// Only events after this global position.
+        #[arg(long)]
+        after: Option<i64>,
+        /// Keep printing events as they commit (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per event instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An order's timeline across every stream it touched, with who did what.
+    Audit {
+        /// What to audit: `order`.
+        #[arg(value_parser = ["order"])]
+        kind: String,
+        /// The order id.
+        id: uuid::Uuid,
+        /// One JSON object per event instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An aggregate as it was at a version or a time (now by default).
+    State {
+        /// The stream, as TYPE/ID.
+        #[arg(value_parser = audit::parse_stream)]
+        stream: (String, String),
+        /// An RFC 3339 time, e.g. 2026-11-22T14:03:00Z.
+        #[arg(long, conflicts_with = "version")]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        /// An event number, 1 or more.
+        #[arg(long)]
+        version: Option<i64>,
+        /// Print only the JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every stream (no gaps, every event readable) and its hash chain; names the first
+    /// bad event and exits with 1.
+    Verify {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild read models from the start of the log; the live ones keep serving until the
     /// rebuilt ones take their place.
     Replay {
@@ -156,6 +209,97 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve {
             only: Some(Part::Notifications),
         } => notifications(settings).await,
+        Cmd::Events {
+            aggregate,
+            correlation,
+            after,
+            follow,
+            json,
+        } => {
+            let filter = audit::EventFilter {
+                aggregate,
+                correlation,
+                after,
+            };
+            with_database(&settings, |pool| async move {
+                if follow {
+                    audit::follow(&pool, &filter, |e| print_event(e, json)).await?;
+                } else {
+                    for event in audit::events(&pool, &filter).await? {
+                        print_event(&event, json);
+                    }
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Audit { id, json, .. } => {
+            with_database(&settings, |pool| async move {
+                let story = audit::order_story(&pool, id).await?;
+                anyhow::ensure!(!story.is_empty(), "no order {id}");
+                for event in &story {
+                    print_event(event, json);
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::State {
+            stream: (aggregate_type, id),
+            at,
+            version,
+            json,
+        } => {
+            let at = match (at, version) {
+                (Some(t), _) => history::At::Time(t),
+                (None, Some(n)) => history::At::Version(n),
+                (None, None) => history::At::Latest,
+            };
+            with_database(&settings, |pool| async move {
+                let state = history::state_at(&pool, &aggregate_type, &id, at)
+                    .await?
+                    .with_context(|| format!("{aggregate_type}/{id} had no event by then"))?;
+                #[expect(clippy::print_stdout, reason = "the state is the command's output")]
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&state)?);
+                } else {
+                    println!(
+                        "{}/{} at version {} (recorded {})",
+                        state.aggregate_type, state.aggregate_id, state.version, state.recorded_at
+                    );
+                    println!("{}", serde_json::to_string_pretty(&state.state)?);
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Verify { json } => {
+            with_database(&settings, |pool| async move {
+                let bar = ProgressBar::new_spinner();
+                let outcome = verify::verify(&pool, &|n| bar.set_message(format!("{n} events checked"))).await?;
+                bar.finish_and_clear();
+                #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
+                match outcome {
+                    Ok(verified) => {
+                        if json {
+                            println!("{}", serde_json::json!({ "ok": true, "events": verified.events, "streams": verified.streams }));
+                        } else {
+                            println!("ok: {} events in {} streams, every hash chain intact", verified.events, verified.streams);
+                        }
+                        Ok(())
+                    }
+                    Err(finding) => {
+                        if json {
+                            println!("{}", serde_json::json!({ "ok": false, "first_bad_event": finding }));
+                        } else {
+                            println!("FAILED: {finding}");
+                        }
+                        std::process::exit(1);
+                    }
+                }
+            })
+            .await
+        }
         Cmd::Serve { only } => serve(settings, Part::parts(only)).await,
         Cmd::Replay { name, all } => {
             let chosen = match (name, all) {
@@ -272,6 +416,32 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
         local.stop().await;
     }
     Ok(())
+}
+
+/// Prints one event as a line of text or a JSON object; always `true` (go on).
+fn print_event(event: &event_store::log::LogEvent, json: bool) -> bool {
+    #[expect(clippy::print_stdout, reason = "the events are the command's output")]
+    if json {
+        println!("{}", serde_json::to_string(event).unwrap_or_default());
+    } else {
+        println!("{}", audit::line(event));
+    }
+    true
+}
+
+/// Opens the database (applying no migration), runs `work`, and closes it.
+async fn with_database<F, Fut>(settings: &Settings, work: F) -> anyhow::Result<()>
+where
+    F: FnOnce(sqlx::PgPool) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (pool, local) = open_database(settings).await?;
+    let result = work(pool.clone()).await;
+    pool.close().await;
+    if let Some(local) = local {
+        local.stop().await;
+    }
+    result
 }
 
 /// `serve --only notifications`: the notifications integrator until SIGTERM or Ctrl-C.

@@ -67,6 +67,10 @@ pub fn router(state: QueryState) -> Router {
             post(admin::rebuild),
         )
         .route("/metrics", get(metrics::metrics))
+        .route(
+            "/api/v1/admin/streams/{aggregate_type}/{id}",
+            get(admin::stream),
+        )
         .route("/api/v1/admin/notifications", get(notifications::list))
         .route(
             "/api/v1/admin/notifications/{event_id}/retry",

@@ -18,8 +18,8 @@ use aggregates::inventory::Product;
 use aggregates::order::Order;
 use aggregates::payment::{Payment, PaymentStatus};
 use api_common::auth::{Role, TokenKeys};
-use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::PersistedEventRepository;
+use event_store::unit_of_work::UnitOfWork;
 use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
 use orderline::Parts;
 use postgres_es::PostgresEventRepository;
@@ -347,7 +347,7 @@ impl TestApp {
     /// load, decide, append (retrying on a concurrent append). `Err` is the domain refusal.
     pub async fn execute<A>(&self, id: &str, command: A::Command) -> Result<(), A::Error>
     where
-        A: StoredAggregate<Services = ()>,
+        A: StoredAggregate<Services = ()> + Send + Sync + 'static,
         A::Command: Clone,
     {
         let store = EventStore::new(self.pool.clone());
@@ -359,20 +359,17 @@ impl TestApp {
             request_id: "test".into(),
         };
         loop {
-            let loaded = store.load::<A>(id).await.expect("load");
-            let mut after = loaded.aggregate.clone();
-            let sink = EventSink::<A>::default();
-            after.handle(command.clone(), &(), &sink).await?;
-            let events = sink.collect().await;
-            if events.is_empty() {
-                return Ok(());
-            }
             let mut tx = self.pool.begin().await.expect("begin");
-            match EventStore::append(&mut tx, id, &loaded, &after, &events, &metadata).await {
-                Ok(_) => {
+            let mut work = UnitOfWork::new();
+            match work
+                .execute::<A>(&store, &mut tx, id, command.clone(), &metadata)
+                .await
+            {
+                Ok(Ok(_)) => {
                     tx.commit().await.expect("commit");
                     return Ok(());
                 }
+                Ok(Err(refused)) => return Err(refused),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => panic!("append failed: {e}"),
             }
