@@ -16,6 +16,7 @@ pub mod history;
 pub mod idempotency;
 pub mod log;
 pub mod subscription;
+pub mod transfer;
 pub mod unit_of_work;
 pub mod verify;
 

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use api_common::auth::{Role, TokenKeys};
-use event_store::{history, verify};
+use event_store::{history, transfer, verify};
 use indicatif::{ProgressBar, ProgressStyle};
 use orderline::local_postgres::{self, LocalPostgres};
 use orderline::settings::{Database, Gateway, Settings};
@@ -90,6 +90,18 @@ enum Cmd {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the log as NDJSON to standard output, one event per line, exactly as stored.
+    Export {
+        /// Only events after this global position.
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+    },
+    /// Load an export into an empty database (migrating it first): the same streams,
+    /// positions and hash chains.
+    Import {
+        /// The NDJSON file written by `orderline export`.
+        file: std::path::PathBuf,
     },
     /// Rebuild read models from the start of the log; the live ones keep serving until the
     /// rebuilt ones take their place.
@@ -268,6 +280,39 @@ async fn main() -> anyhow::Result<()> {
                         state.aggregate_type, state.aggregate_id, state.version, state.recorded_at
                     );
                     println!("{}", serde_json::to_string_pretty(&state.state)?);
+                }
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Export { since } => {
+            with_database(&settings, |pool| async move {
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let written = transfer::export(&pool, since, |event| -> anyhow::Result<()> {
+                    serde_json::to_writer(&mut out, event)?;
+                    out.write_all(b"\n")?;
+                    Ok(())
+                })
+                .await?;
+                out.flush()?;
+                tracing::info!(events = written, "exported");
+                Ok(())
+            })
+            .await
+        }
+        Cmd::Import { file } => {
+            with_database(&settings, |pool| async move {
+                event_store::MIGRATOR.run(&pool).await.context("migration failed")?;
+                let reader = std::io::BufReader::new(
+                    std::fs::File::open(&file)
+                        .with_context(|| format!("cannot open {}", file.display()))?,
+                );
+                let imported =
+                    transfer::import(&pool, std::io::BufRead::lines(reader)).await?;
+                #[expect(clippy::print_stdout, reason = "the count is the command's output")]
+                {
+                    println!("imported {imported} events");
                 }
                 Ok(())
             })

@@ -1,7 +1,7 @@
 //! The audit commands of the real binary against a real database: an order's story, the log
 //! filtered and followed, time travel at a version and at a moment (the same as the HTTP
-//! route), and `verify` passing on a clean log and naming the event after an UPDATE of a
-//! payload and after a DELETE.
+//! route), export and import into an empty database reproducing the same log, and `verify`
+//! passing on a clean log and naming the event after an UPDATE of a payload and after a DELETE.
 
 #![expect(
     clippy::unwrap_used,
@@ -243,6 +243,50 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
     // verify: clean, then after an UPDATE, then after a DELETE.
     let clean = stdout(&cli(&url, &["verify"]));
     assert!(clean.starts_with("ok: "), "{clean}");
+
+    // export, then import into an empty database: the same streams, order and hashes.
+    let exported = stdout(&cli(&url, &["export"]));
+    let file = std::env::temp_dir().join(format!("{database}.ndjson"));
+    std::fs::write(&file, &exported).unwrap();
+    let (copy, copy_url) = fresh_database(&mut admin, "orderline_import").await;
+    let imported = stdout(&cli(&copy_url, &["import", file.to_str().unwrap()]));
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(imported.trim(), format!("imported {count} events"));
+    let copy_pool = PgPool::connect(&copy_url).await.unwrap();
+    let log = "SELECT position, event_id, aggregate_type, aggregate_id, sequence, event_type,
+                      event_version, recorded_at, metadata, payload, hash
+                 FROM events ORDER BY transaction_id, position";
+    type Row = (
+        i64,
+        uuid::Uuid,
+        String,
+        String,
+        i64,
+        String,
+        String,
+        chrono::DateTime<chrono::Utc>,
+        Value,
+        Value,
+        Option<Vec<u8>>,
+    );
+    let original: Vec<Row> = sqlx::query_as(log).fetch_all(&pool).await.unwrap();
+    let copied: Vec<Row> = sqlx::query_as(log).fetch_all(&copy_pool).await.unwrap();
+    assert_eq!(copied, original);
+    assert!(stdout(&cli(&copy_url, &["verify"])).starts_with("ok: "));
+    let again = cli(&copy_url, &["import", file.to_str().unwrap()]);
+    assert!(
+        !again.status.success(),
+        "import into a database with events must refuse"
+    );
+    copy_pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {copy} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    std::fs::remove_file(&file).ok();
     let (position, original): (i64, Value) = sqlx::query_as(
         "SELECT position, payload FROM events WHERE aggregate_id = $1 AND sequence = 1",
     )
