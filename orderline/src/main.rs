@@ -321,27 +321,59 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Verify { json } => {
             with_database(&settings, |pool| async move {
                 let bar = ProgressBar::new_spinner();
-                let outcome = verify::verify(&pool, &|n| bar.set_message(format!("{n} events checked"))).await?;
+                let outcome = verify::verify(&pool, &|n| {
+                    bar.set_message(format!("{n} events checked"));
+                })
+                .await?;
                 bar.finish_and_clear();
-                #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
-                match outcome {
-                    Ok(verified) => {
-                        if json {
-                            println!("{}", serde_json::json!({ "ok": true, "events": verified.events, "streams": verified.streams }));
-                        } else {
-                            println!("ok: {} events in {} streams, every hash chain intact", verified.events, verified.streams);
+                let verified = match outcome {
+                    Ok(verified) => verified,
+                    Err(finding) => fail(
+                        json,
+                        serde_json::json!({ "first_bad_event": finding }),
+                        &format!("FAILED: {finding}"),
+                    ),
+                };
+                let mut checked = Vec::new();
+                for projection in projections::all() {
+                    let name = projection.name();
+                    let lock = match RebuildLock::acquire(&pool, projection.as_ref()).await {
+                        Ok(lock) => lock,
+                        Err(e) => {
+                            checked.push(serde_json::json!({ "name": name, "skipped": e.to_string() }));
+                            continue;
                         }
-                        Ok(())
-                    }
-                    Err(finding) => {
-                        if json {
-                            println!("{}", serde_json::json!({ "ok": false, "first_bad_event": finding }));
-                        } else {
-                            println!("FAILED: {finding}");
+                    };
+                    match rebuild::compare(&pool, projection.as_ref(), lock).await? {
+                        rebuild::Comparison::Same { rows } => {
+                            checked.push(serde_json::json!({ "name": name, "rows": rows }));
                         }
-                        std::process::exit(1);
+                        rebuild::Comparison::Behind { position, head } => {
+                            let why = format!("behind the log (at {position} of {head}); run or replay it first");
+                            checked.push(serde_json::json!({ "name": name, "skipped": why }));
+                        }
+                        rebuild::Comparison::Differs { missing, unexpected, example } => fail(
+                            json,
+                            serde_json::json!({ "projection": name, "missing": missing, "unexpected": unexpected, "example": example }),
+                            &format!("FAILED: projection {name} differs from a fold of the log: {missing} rows missing or different, {unexpected} unexpected; e.g. {example}"),
+                        ),
                     }
                 }
+                #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
+                if json {
+                    println!("{}", serde_json::json!({ "ok": true, "events": verified.events, "streams": verified.streams, "projections": checked }));
+                } else {
+                    println!("ok: {} events in {} streams, every hash chain intact", verified.events, verified.streams);
+                    for p in &checked {
+                        let name = p["name"].as_str().unwrap_or_default();
+                        match (p.get("rows"), p["skipped"].as_str()) {
+                            (Some(rows), _) => println!("ok: projection {name} matches the log ({rows} rows)"),
+                            (_, Some(why)) => println!("skipped: projection {name}: {why}"),
+                            _ => {}
+                        }
+                    }
+                }
+                Ok(())
             })
             .await
         }
@@ -461,6 +493,21 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
         local.stop().await;
     }
     Ok(())
+}
+
+/// Prints a failed verification and exits with 1.
+fn fail(json: bool, detail: serde_json::Value, text: &str) -> ! {
+    #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
+    if json {
+        let mut verdict = serde_json::json!({ "ok": false });
+        if let (Some(v), Some(d)) = (verdict.as_object_mut(), detail.as_object()) {
+            v.extend(d.clone());
+        }
+        println!("{verdict}");
+    } else {
+        println!("{text}");
+    }
+    std::process::exit(1);
 }
 
 /// Prints one event as a line of text or a JSON object; always `true` (go on).

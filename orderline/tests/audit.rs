@@ -237,12 +237,53 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
     assert_eq!(first_new["aggregate_id"], second.as_str());
     assert_eq!(first_new["event_type"], "OrderPlaced");
     until_saga(&pool, &second, "confirmed").await;
+    let start = Instant::now();
+    loop {
+        let behind: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM checkpoints c, events e
+                             WHERE c.consumer IN ('orders', 'inventory', 'payments')
+                               AND (e.transaction_id, e.position) > (c.transaction_id, c.position))",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if !behind {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "projections behind"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.kill().unwrap();
     server.wait().unwrap();
 
     // verify: clean, then after an UPDATE, then after a DELETE.
     let clean = stdout(&cli(&url, &["verify"]));
     assert!(clean.starts_with("ok: "), "{clean}");
+    for projection in ["orders", "inventory", "payments"] {
+        assert!(
+            clean.contains(&format!("ok: projection {projection} matches the log")),
+            "{clean}"
+        );
+    }
+    // A read model edited by hand no longer matches the fold of the log.
+    sqlx::query("UPDATE rm_orders SET status = 'shipped' WHERE order_id = $1::uuid")
+        .bind(&order)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let drifted = cli(&url, &["verify"]);
+    assert_eq!(drifted.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&drifted.stdout);
+    assert!(text.contains("projection orders differs"), "{text}");
+    sqlx::query("UPDATE rm_orders SET status = 'cancelled' WHERE order_id = $1::uuid")
+        .bind(&order)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(cli(&url, &["verify"]).status.success());
 
     // export, then import into an empty database: the same streams, order and hashes.
     let exported = stdout(&cli(&url, &["export"]));

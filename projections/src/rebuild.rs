@@ -103,12 +103,85 @@ pub async fn rebuild(
     result
 }
 
+/// A twin table filled from the log up to `cursor`.
+struct Filled {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    cursor: Cursor,
+    events: u64,
+    head: i64,
+    started: Instant,
+}
+
 async fn fill_and_swap(
     pool: &PgPool,
     projection: &dyn Projection,
     twin: &str,
     progress: &(dyn Fn(u64, i64) + Sync),
 ) -> Result<Rebuilt, RebuildError> {
+    let Filled {
+        mut conn,
+        mut cursor,
+        mut events,
+        head,
+        started,
+    } = fill(pool, projection, twin, progress).await?;
+    let name = projection.name();
+    let live = projection.table();
+    let mut tx = conn.begin().await?;
+    // Holding the checkpoint row stops the live consumer between pages.
+    sqlx::query("SELECT 1 FROM checkpoints WHERE consumer = $1 FOR UPDATE")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    loop {
+        let page = log::read_page(&mut tx, cursor, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        cursor = last.cursor();
+        events += page.len() as u64;
+        projection
+            .apply(&mut tx, twin, &page)
+            .await
+            .map_err(RebuildError::Projection)?;
+    }
+    let old = format!("{live}__old");
+    for sql in [
+        format!("ALTER TABLE {live} RENAME TO {old}"),
+        format!("ALTER TABLE {twin} RENAME TO {live}"),
+        format!("DROP TABLE {old}"),
+    ] {
+        sqlx::query(&sql).execute(&mut *tx).await?;
+    }
+    sqlx::query(
+        "UPDATE checkpoints
+            SET transaction_id = $2::text::xid8, position = $3, events_applied = $4,
+                state = 'running', last_error = NULL, parked_position = NULL,
+                rebuild_position = NULL, updated_at = now()
+          WHERE consumer = $1",
+    )
+    .bind(name)
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .bind(i64::try_from(events).unwrap_or(i64::MAX))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    progress(events, head.max(cursor.position));
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    tracing::info!(projection = name, events, seconds, "rebuilt");
+    Ok(Rebuilt {
+        events,
+        cursor,
+        events_per_second: events as f64 / seconds,
+    })
+}
+
+/// Creates `twin` like the projection's table and fills it from the whole log as it is now.
+async fn fill(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    twin: &str,
+    progress: &(dyn Fn(u64, i64) + Sync),
+) -> Result<Filled, RebuildError> {
     let started = Instant::now();
     let name = projection.name();
     let live = projection.table();
@@ -195,51 +268,139 @@ async fn fill_and_swap(
             .await?;
     }
 
+    Ok(Filled {
+        conn,
+        cursor,
+        events,
+        head,
+        started,
+    })
+}
+
+/// How a projection's live table compares with a fold of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Comparison {
+    /// Row for row the same, at the live table's position.
+    Same {
+        /// Rows compared.
+        rows: i64,
+    },
+    /// Rows differ: `missing` are in the fold but not (so) in the live table, `unexpected` the
+    /// other way round; `example` is the primary key of one of them.
+    Differs {
+        /// Rows of the fold the live table lacks or has otherwise.
+        missing: i64,
+        /// Rows of the live table the fold does not have.
+        unexpected: i64,
+        /// One differing row, as JSON.
+        example: String,
+    },
+    /// The live projection is behind the log (not running, or parked): nothing to compare yet.
+    Behind {
+        /// Where it is.
+        position: i64,
+        /// Where the log is.
+        head: i64,
+    },
+}
+
+/// Folds the whole log into a twin of `projection`'s table, brings it to exactly the live
+/// table's position, and compares the two row for row. The live table is never touched; the
+/// twin is dropped. Holds `lock` like a rebuild (one at a time).
+///
+/// # Errors
+/// The database or projection error.
+pub async fn compare(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    RebuildLock(mut lock): RebuildLock,
+) -> Result<Comparison, RebuildError> {
+    let twin = format!("{}__verify", projection.table());
+    let result = fill_and_compare(pool, projection, &twin).await;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {twin}"))
+        .execute(&mut lock)
+        .await
+        .ok();
+    sqlx::query("UPDATE checkpoints SET rebuild_position = NULL WHERE consumer = $1")
+        .bind(projection.name())
+        .execute(&mut lock)
+        .await
+        .ok();
+    lock.close().await.ok();
+    result
+}
+
+async fn fill_and_compare(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    twin: &str,
+) -> Result<Comparison, RebuildError> {
+    let Filled {
+        mut conn,
+        mut cursor,
+        head,
+        ..
+    } = fill(pool, projection, twin, &|_, _| {}).await?;
+    let name = projection.name();
+    let live = projection.table();
     let mut tx = conn.begin().await?;
-    // Holding the checkpoint row stops the live consumer between pages.
-    sqlx::query("SELECT 1 FROM checkpoints WHERE consumer = $1 FOR UPDATE")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    // Stop the live consumer between pages, and read where it is.
+    let at: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM checkpoints
+          WHERE consumer = $1 FOR UPDATE",
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let live_cursor = at.map_or(Cursor::default(), |(transaction_id, position)| Cursor {
+        transaction_id,
+        position,
+    });
+    let behind = (live_cursor.transaction_id, live_cursor.position)
+        < (cursor.transaction_id, cursor.position);
+    if behind {
+        return Ok(Comparison::Behind {
+            position: live_cursor.position,
+            head: head.max(cursor.position),
+        });
+    }
+    // The live table may have gone further while the twin was filled: catch the twin up to it.
     loop {
         let page = log::read_page(&mut tx, cursor, PAGE).await?;
-        let Some(last) = page.last() else { break };
+        let upto: Vec<_> = page
+            .into_iter()
+            .filter(|e| {
+                (e.transaction_id, e.position) <= (live_cursor.transaction_id, live_cursor.position)
+            })
+            .collect();
+        let Some(last) = upto.last() else { break };
         cursor = last.cursor();
-        events += page.len() as u64;
         projection
-            .apply(&mut tx, twin, &page)
+            .apply(&mut tx, twin, &upto)
             .await
             .map_err(RebuildError::Projection)?;
     }
-    let old = format!("{live}__old");
-    for sql in [
-        format!("ALTER TABLE {live} RENAME TO {old}"),
-        format!("ALTER TABLE {twin} RENAME TO {live}"),
-        format!("DROP TABLE {old}"),
-    ] {
-        sqlx::query(&sql).execute(&mut *tx).await?;
-    }
-    sqlx::query(
-        "UPDATE checkpoints
-            SET transaction_id = $2::text::xid8, position = $3, events_applied = $4,
-                state = 'running', last_error = NULL, parked_position = NULL,
-                rebuild_position = NULL, updated_at = now()
-          WHERE consumer = $1",
-    )
-    .bind(name)
-    .bind(cursor.transaction_id.to_string())
-    .bind(cursor.position)
-    .bind(i64::try_from(events).unwrap_or(i64::MAX))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    progress(events, head.max(cursor.position));
-    let seconds = started.elapsed().as_secs_f64().max(1e-9);
-    tracing::info!(projection = name, events, seconds, "rebuilt");
-    Ok(Rebuilt {
-        events,
-        cursor,
-        events_per_second: events as f64 / seconds,
+    let (missing, unexpected, rows, example): (i64, i64, i64, Option<String>) =
+        sqlx::query_as(&format!(
+            "WITH fold AS (SELECT to_jsonb(t) AS row FROM {twin} t),
+                  live AS (SELECT to_jsonb(t) AS row FROM {live} t),
+                  missing AS (SELECT row FROM fold EXCEPT SELECT row FROM live),
+                  unexpected AS (SELECT row FROM live EXCEPT SELECT row FROM fold)
+             SELECT (SELECT count(*) FROM missing), (SELECT count(*) FROM unexpected),
+                    (SELECT count(*) FROM fold),
+                    coalesce((SELECT row::text FROM missing LIMIT 1),
+                             (SELECT row::text FROM unexpected LIMIT 1))"
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    Ok(match (missing, unexpected) {
+        (0, 0) => Comparison::Same { rows },
+        _ => Comparison::Differs {
+            missing,
+            unexpected,
+            example: example.unwrap_or_default(),
+        },
     })
 }
 
