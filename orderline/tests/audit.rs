@@ -10,14 +10,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api_common::auth::{Role, TokenKeys};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, wait_ready, SECRET};
+use support::{free_port, fresh_database, orderline, server_url, until, wait_ready, SECRET};
 
 /// Runs `orderline ARGS` against `url` and waits for it.
 fn cli(url: &str, args: &[&str]) -> Output {
@@ -71,23 +71,16 @@ impl Shop {
 }
 
 async fn until_saga(pool: &PgPool, order: &str, state: &str) {
-    let start = Instant::now();
-    loop {
+    until(&format!("the saga of {order} is {state}"), async || {
         let now: Option<String> =
             sqlx::query_scalar("SELECT state FROM sagas WHERE order_id = $1::uuid")
                 .bind(order)
                 .fetch_optional(pool)
                 .await
                 .unwrap();
-        if now.as_deref() == Some(state) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "saga of {order} never {state}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        now.as_deref() == Some(state)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,8 +230,7 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
     assert_eq!(first_new["aggregate_id"], second.as_str());
     assert_eq!(first_new["event_type"], "OrderPlaced");
     until_saga(&pool, &second, "confirmed").await;
-    let start = Instant::now();
-    loop {
+    until("the projections caught up", async || {
         let behind: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM checkpoints c, events e
                              WHERE c.consumer IN ('orders', 'inventory', 'payments')
@@ -247,15 +239,9 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
         .fetch_one(&pool)
         .await
         .unwrap();
-        if !behind {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "projections behind"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        !behind
+    })
+    .await;
     server.kill().unwrap();
     server.wait().unwrap();
 

@@ -19,7 +19,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 const REQUESTS: usize = 300;
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, wait_ready, SECRET};
+use support::{free_port, fresh_database, orderline, server_url, until, wait_ready, SECRET};
 
 fn start(database_url: &str, port: u16) -> Child {
     orderline(database_url, port, &["serve"], &[])
@@ -158,7 +158,7 @@ async fn dump(pool: &PgPool, table: &str, key: &str) -> Value {
 
 /// Waits until every projection has applied the whole log.
 async fn caught_up(pool: &PgPool) {
-    for _ in 0..1500 {
+    until("the projections caught up", async || {
         let behind: i64 = sqlx::query_scalar(
             "SELECT 3 - count(*) + count(*) FILTER (WHERE EXISTS (
                  SELECT 1 FROM events e
@@ -168,12 +168,9 @@ async fn caught_up(pool: &PgPool) {
         .fetch_one(pool)
         .await
         .unwrap();
-        if behind == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the projections did not catch up");
+        behind == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ const CRASH_POINTS: [(&str, &str); 4] = [
 ];
 
 mod support;
-use support::{free_port, fresh_database, server_url, wait_ready, SECRET};
+use support::{free_port, fresh_database, server_url, until, wait_ready, SECRET};
 
 fn orderline(database_url: &str, port: u16, only: &str, env: &[(&str, &str)]) -> Child {
     support::orderline(database_url, port, &["serve", "--only", only], env)
@@ -148,14 +148,8 @@ async fn a_saga_runner_killed_at_every_step_boundary_completes_every_order_exact
     // A healthy runner finishes the work.
     let pool = PgPool::connect(&url).await.unwrap();
     let mut runner = orderline(&url, free_port(), "sagas", &[]);
-    let start = Instant::now();
-    while !settled(&pool, i64::try_from(orders.len()).unwrap()).await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the sagas did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let total = i64::try_from(orders.len()).unwrap();
+    until("the sagas finished", async || settled(&pool, total).await).await;
     runner.kill().unwrap();
     runner.wait().unwrap();
     api.kill().unwrap();

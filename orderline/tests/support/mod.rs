@@ -64,3 +64,15 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
     panic!("server did not become ready");
 }
+
+/// Polls `done` every 50 ms until it answers `true`; fails the test after 60 s.
+pub async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done().await {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
