@@ -135,8 +135,14 @@ impl DomainEvent for ProductEvent {
         .to_owned()
     }
 
+    /// `ProductRegistered` is at version 2 (it always carries `low_stock_threshold`; version 1
+    /// could lack it and is upcast on read, see `event_store::upcast`); the others at 1.
     fn event_version(&self) -> String {
-        "1".to_owned()
+        match self {
+            Self::ProductRegistered { .. } => "2",
+            _ => "1",
+        }
+        .to_owned()
     }
 }
 

@@ -12,6 +12,8 @@ use aggregates::inventory::Product;
 use aggregates::order::Order;
 use aggregates::payment::Payment;
 
+use crate::upcast::upcast;
+
 /// Which point in a stream's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum At {
@@ -89,8 +91,8 @@ async fn fold<A: Aggregate + Serialize>(
         At::Time(t) => (None, Some(t)),
         At::Latest => (None, None),
     };
-    let events: Vec<(i64, DateTime<Utc>, Value)> = sqlx::query_as(
-        "SELECT sequence, recorded_at, payload FROM events
+    let events: Vec<(i64, DateTime<Utc>, String, String, Value)> = sqlx::query_as(
+        "SELECT sequence, recorded_at, event_type, event_version, payload FROM events
           WHERE aggregate_type = $1 AND aggregate_id = $2
             AND ($3::bigint IS NULL OR sequence <= $3)
             AND ($4::timestamptz IS NULL OR recorded_at <= $4)
@@ -102,18 +104,22 @@ async fn fold<A: Aggregate + Serialize>(
     .bind(time)
     .fetch_all(pool)
     .await?;
-    let Some(&(last, recorded_at, _)) = events.last() else {
+    let Some(&(last, recorded_at, ..)) = events.last() else {
         return Ok(None);
     };
     let mut aggregate = A::default();
-    for (sequence, _, payload) in events {
-        let event = serde_json::from_value(payload).map_err(|source| HistoryError::Corrupt {
-            aggregate_type: A::TYPE.to_owned(),
-            aggregate_id: id.to_owned(),
-            sequence,
-            source,
-        })?;
-        aggregate.apply(event);
+    for (sequence, _, event_type, event_version, payload) in events {
+        for current in upcast(A::TYPE, &event_type, &event_version, payload) {
+            let event = serde_json::from_value(current.payload).map_err(|source| {
+                HistoryError::Corrupt {
+                    aggregate_type: A::TYPE.to_owned(),
+                    aggregate_id: id.to_owned(),
+                    sequence,
+                    source,
+                }
+            })?;
+            aggregate.apply(event);
+        }
     }
     let state = serde_json::to_value(&aggregate).map_err(|source| HistoryError::Corrupt {
         aggregate_type: A::TYPE.to_owned(),

@@ -18,6 +18,7 @@ pub mod log;
 pub mod subscription;
 pub mod transfer;
 pub mod unit_of_work;
+pub mod upcast;
 pub mod verify;
 
 use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
@@ -202,12 +203,18 @@ impl EventStore {
         };
         let mut version = snapshot_version;
         for SerializedEvent {
-            sequence, payload, ..
+            sequence,
+            event_type,
+            event_version,
+            payload,
+            ..
         } in events
         {
-            let event: A::Event =
-                serde_json::from_value(payload).map_err(|e| corrupt("event", e))?;
-            aggregate.apply(event);
+            for current in upcast::upcast(A::TYPE, &event_type, &event_version, payload) {
+                let event: A::Event =
+                    serde_json::from_value(current.payload).map_err(|e| corrupt("event", e))?;
+                aggregate.apply(event);
+            }
             version = sequence;
         }
         Ok(Loaded {
@@ -355,8 +362,8 @@ impl EventStore {
         }
         // The next append chains to the newest event's hash (ADR 9).
         loaded.last_hash = last_hash;
-        let newer: Vec<(i64, Value)> = sqlx::query_as(
-            "SELECT sequence, payload FROM events
+        let newer: Vec<(i64, String, String, Value)> = sqlx::query_as(
+            "SELECT sequence, event_type, event_version, payload FROM events
               WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
               ORDER BY sequence",
         )
@@ -365,15 +372,19 @@ impl EventStore {
         .bind(i64::try_from(loaded.version).unwrap_or(i64::MAX))
         .fetch_all(&mut *conn)
         .await?;
-        for (sequence, payload) in newer {
-            let event: A::Event =
-                serde_json::from_value(payload).map_err(|source| StoreError::Corrupt {
-                    what: "event",
-                    aggregate_type: A::TYPE,
-                    aggregate_id: id.to_owned(),
-                    source,
-                })?;
-            loaded.aggregate.apply(event);
+        for (sequence, event_type, event_version, payload) in newer {
+            for current in upcast::upcast(A::TYPE, &event_type, &event_version, payload) {
+                let event: A::Event =
+                    serde_json::from_value(current.payload).map_err(|source| {
+                        StoreError::Corrupt {
+                            what: "event",
+                            aggregate_type: A::TYPE,
+                            aggregate_id: id.to_owned(),
+                            source,
+                        }
+                    })?;
+                loaded.aggregate.apply(event);
+            }
             loaded.version = usize::try_from(sequence).unwrap_or(usize::MAX);
         }
         Ok(())

@@ -122,12 +122,68 @@ impl LogEvent {
         }
     }
 
-    /// Deserializes the payload into an aggregate's event type.
+    /// Deserializes the payload into an aggregate's event type. For an event stored in the
+    /// current shape; consumers read pages through [`LogEvent::current`] first.
     ///
     /// # Errors
     /// The serde error when the payload does not match `E`.
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
         serde_json::from_str(self.payload.get())
+    }
+
+    /// The current-shape events this stored event stands for ([`crate::upcast`]): `None` when
+    /// it is current already (the common case, with no copy), else its upcast events, possibly
+    /// none. They keep this event's position, ids and metadata.
+    ///
+    /// # Errors
+    /// The serde error when an old payload is not JSON.
+    pub fn current(&self) -> Result<Option<Vec<LogEvent>>, serde_json::Error> {
+        if !crate::upcast::is_old(&self.aggregate_type, &self.event_type, &self.event_version) {
+            return Ok(None);
+        }
+        let payload: serde_json::Value = serde_json::from_str(self.payload.get())?;
+        crate::upcast::upcast(
+            &self.aggregate_type,
+            &self.event_type,
+            &self.event_version,
+            payload,
+        )
+        .into_iter()
+        .map(|current| {
+            Ok(LogEvent {
+                event_type: current.event_type,
+                event_version: current.event_version,
+                payload: serde_json::value::to_raw_value(&current.payload)?,
+                metadata: self.metadata.clone(),
+                aggregate_type: self.aggregate_type.clone(),
+                aggregate_id: self.aggregate_id.clone(),
+                ..*self
+            })
+        })
+        .collect::<Result<Vec<_>, serde_json::Error>>()
+        .map(Some)
+    }
+
+    /// Calls `each` with every current-shape event of `events`, in order (see
+    /// [`LogEvent::current`]).
+    ///
+    /// # Errors
+    /// The first error `each` returns, or a payload that is not JSON.
+    pub fn for_each_current<'e, E: From<serde_json::Error>>(
+        events: impl IntoIterator<Item = &'e LogEvent>,
+        mut each: impl FnMut(&LogEvent) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for event in events {
+            match event.current()? {
+                None => each(event)?,
+                Some(upcast) => {
+                    for current in &upcast {
+                        each(current)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

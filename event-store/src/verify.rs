@@ -4,7 +4,7 @@
 //! Streams are read in `(aggregate_type, aggregate_id, sequence)` order. For each event:
 //! - its sequence follows the previous one in the stream (1 for the first): a deleted event
 //!   leaves a gap;
-//! - its payload deserializes into its aggregate's current event type;
+//! - its payload, through the upcasters, deserializes into its aggregate's current event type;
 //! - its hash equals the one recomputed from its content and the previous event's stored hash
 //!   ([`crate::chain`]): an edited event no longer matches.
 //!
@@ -22,6 +22,7 @@ use aggregates::order::OrderEvent;
 use aggregates::payment::PaymentEvent;
 
 use crate::chain::Hashed;
+use crate::upcast::upcast;
 
 /// A log that checks out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -137,14 +138,23 @@ fn check(row: &Row, expected: i64, previous: Option<&[u8]>) -> Option<String> {
             expected - 1
         ));
     }
-    let decoded = match row.aggregate_type.as_str() {
-        "order" => serde_json::from_value::<OrderEvent>(row.payload.clone()).map(drop),
-        "inventory" => serde_json::from_value::<ProductEvent>(row.payload.clone()).map(drop),
-        "payment" => serde_json::from_value::<PaymentEvent>(row.payload.clone()).map(drop),
-        other => return Some(format!("unknown aggregate type {other:?}")),
-    };
-    if let Err(e) = decoded {
-        return Some(format!("the payload does not deserialize: {e}"));
+    // Read as every reader reads it: through the upcasters.
+    let currents = upcast(
+        &row.aggregate_type,
+        &row.event_type,
+        &row.event_version,
+        row.payload.clone(),
+    );
+    for current in currents {
+        let decoded = match row.aggregate_type.as_str() {
+            "order" => serde_json::from_value::<OrderEvent>(current.payload).map(drop),
+            "inventory" => serde_json::from_value::<ProductEvent>(current.payload).map(drop),
+            "payment" => serde_json::from_value::<PaymentEvent>(current.payload).map(drop),
+            other => return Some(format!("unknown aggregate type {other:?}")),
+        };
+        if let Err(e) = decoded {
+            return Some(format!("the payload does not deserialize: {e}"));
+        }
     }
     let Some(stored) = &row.hash else {
         return Some("no hash: the event was not written by orderline".into());

@@ -48,11 +48,13 @@ where
     )
     .await?;
     let mut changed = BTreeSet::new();
-    for event in events {
+    // Events stored in an old shape are folded as their current ones (event_store::upcast).
+    LogEvent::for_each_current(events, |event| -> Result<(), ConsumerError> {
         if fold(&mut rows, event)? {
             changed.insert(event.aggregate_id.clone());
         }
-    }
+        Ok(())
+    })?;
     let changed: Vec<&R> = changed.iter().filter_map(|k| rows.get(k)).collect();
     upsert(tx, table, shape.key, shape.mutable, &changed).await
 }

@@ -240,10 +240,14 @@ impl Consumer for FulfillmentConsumer {
 
     async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError> {
         let mut work = Work::new(&self.store);
-        for event in events {
-            if event.aggregate_type != <Order as cqrs_es::Aggregate>::TYPE {
-                continue;
+        let mut current = Vec::with_capacity(events.len());
+        LogEvent::for_each_current(events, |e| -> Result<(), ConsumerError> {
+            if e.aggregate_type == <Order as cqrs_es::Aggregate>::TYPE {
+                current.push(e.clone());
             }
+            Ok(())
+        })?;
+        for event in &current {
             let now = Utc::now();
             match event.decode::<OrderEvent>()? {
                 OrderEvent::OrderPlaced {

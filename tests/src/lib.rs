@@ -525,11 +525,20 @@ impl TestApp {
     }
 }
 
-/// An aggregate folded from all its raw events with its own `apply` (no snapshot).
+/// An aggregate folded from all its raw events with its own `apply` (no snapshot), old shapes
+/// read through the upcasters as every reader does.
 async fn fold<A: cqrs_es::Aggregate>(repository: &PostgresEventRepository, id: &str) -> A {
     let mut aggregate = A::default();
     for event in repository.get_events::<A>(id).await.expect("events") {
-        aggregate.apply(serde_json::from_value(event.payload).expect("event"));
+        let current = event_store::upcast::upcast(
+            A::TYPE,
+            &event.event_type,
+            &event.event_version,
+            event.payload,
+        );
+        for current in current {
+            aggregate.apply(serde_json::from_value(current.payload).expect("event"));
+        }
     }
     aggregate
 }

@@ -17,4 +17,5 @@ mod queries;
 mod relay;
 mod sagas;
 mod store;
+mod upcast;
 mod validation;
