@@ -328,11 +328,13 @@ async fn main() -> anyhow::Result<()> {
                 bar.finish_and_clear();
                 let verified = match outcome {
                     Ok(verified) => verified,
-                    Err(finding) => fail(
-                        json,
-                        serde_json::json!({ "first_bad_event": finding }),
-                        &format!("FAILED: {finding}"),
-                    ),
+                    Err(finding) => {
+                        return Err(fail(
+                            json,
+                            serde_json::json!({ "first_bad_event": finding }),
+                            &format!("FAILED: {finding}"),
+                        ))
+                    }
                 };
                 let mut checked = Vec::new();
                 for projection in projections::all() {
@@ -352,11 +354,11 @@ async fn main() -> anyhow::Result<()> {
                             let why = format!("behind the log (at {position} of {head}); run or replay it first");
                             checked.push(serde_json::json!({ "name": name, "skipped": why }));
                         }
-                        rebuild::Comparison::Differs { missing, unexpected, example } => fail(
+                        rebuild::Comparison::Differs { missing, unexpected, example } => return Err(fail(
                             json,
                             serde_json::json!({ "projection": name, "missing": missing, "unexpected": unexpected, "example": example }),
                             &format!("FAILED: projection {name} differs from a fold of the log: {missing} rows missing or different, {unexpected} unexpected; e.g. {example}"),
-                        ),
+                        )),
                     }
                 }
                 #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
@@ -495,8 +497,9 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints a failed verification and exits with 1.
-fn fail(json: bool, detail: serde_json::Value, text: &str) -> ! {
+/// Prints a failed verification and answers the error that makes the command exit with 1
+/// (after the database is closed and a private cluster stopped).
+fn fail(json: bool, detail: serde_json::Value, text: &str) -> anyhow::Error {
     #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
     if json {
         let mut verdict = serde_json::json!({ "ok": false });
@@ -507,7 +510,7 @@ fn fail(json: bool, detail: serde_json::Value, text: &str) -> ! {
     } else {
         println!("{text}");
     }
-    std::process::exit(1);
+    anyhow::anyhow!("verification failed")
 }
 
 /// Prints one event as a line of text or a JSON object; always `true` (go on).

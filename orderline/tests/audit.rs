@@ -17,7 +17,10 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, until, wait_ready, SECRET};
+use support::{
+    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
+    wait_ready, SECRET,
+};
 
 /// Runs `orderline ARGS` against `url` and waits for it.
 fn cli(url: &str, args: &[&str]) -> Output {
@@ -53,20 +56,14 @@ struct Shop {
 
 impl Shop {
     async fn order(&self) -> String {
-        let placed: Value = self
-            .client
-            .post(format!("{}/api/v1/orders", self.base))
-            .bearer_auth(&self.customer)
-            .json(
-                &json!({"lines": [{"sku": "A", "quantity": 2}], "payment": {"token": "tok_visa"}}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        placed["order_id"].as_str().unwrap().to_owned()
+        place_order(
+            &self.client,
+            &self.base,
+            &self.customer,
+            &[("A", 2)],
+            "tok_visa",
+        )
+        .await
     }
 }
 
@@ -102,16 +99,7 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
     let mut server = orderline(&url, port, &["serve"], &[]);
     wait_ready(&shop.client, &shop.base).await;
     let pool = PgPool::connect(&url).await.unwrap();
-    shop.client
-        .post(format!("{}/api/v1/products", shop.base))
-        .bearer_auth(&shop.admin)
-        .json(
-            &json!({"sku": "A", "name": "A", "price": {"amount_minor": 150, "currency": "EUR"},
-                      "initial_stock": 10}),
-        )
-        .send()
-        .await
-        .unwrap();
+    register_product(&shop.client, &shop.base, &shop.admin, "A", 150, 10).await;
     let order = shop.order().await;
     until_saga(&pool, &order, "confirmed").await;
     let before_cancel = chrono::Utc::now();

@@ -19,7 +19,10 @@ use sqlx::{Connection, PgConnection, PgPool};
 const REQUESTS: usize = 300;
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, until, wait_ready, SECRET};
+use support::{
+    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
+    wait_ready, SECRET,
+};
 
 fn start(database_url: &str, port: u16) -> Child {
     orderline(database_url, port, &["serve"], &[])
@@ -58,14 +61,7 @@ async fn a_killed_server_loses_no_acknowledged_command_and_retries_apply_once() 
     let base = format!("http://127.0.0.1:{port}");
     let mut server = start(&url, port);
     wait_ready(&client, &base).await;
-    let created = client
-        .post(format!("{base}/api/v1/products"))
-        .bearer_auth(&token)
-        .json(&json!({"sku": "SKU-1", "name": "Crash", "price": {"amount_minor": 1, "currency": "EUR"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+    register_product(&client, &base, &token, "SKU-1", 1, 0).await;
 
     // Fire the restocks, and kill the server once a third of them were acknowledged.
     let acknowledged: HashMap<usize, Value> = {
@@ -191,26 +187,9 @@ async fn a_projection_killed_before_its_commit_applies_nothing_twice() {
     let base = format!("http://127.0.0.1:{port}");
     let mut api = orderline(&url, port, &["serve", "--only", "api"], &[]);
     wait_ready(&client, &base).await;
-    let body = json!({"sku": "A", "name": "A", "price": {"amount_minor": 7, "currency": "EUR"}, "initial_stock": 100});
-    let created = client
-        .post(format!("{base}/api/v1/products"))
-        .bearer_auth(&token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+    register_product(&client, &base, &token, "A", 7, 100).await;
     for _ in 0..20 {
-        let placed = client
-            .post(format!("{base}/api/v1/orders"))
-            .bearer_auth(&alice)
-            .json(
-                &json!({"lines": [{"sku": "A", "quantity": 1}], "payment": {"token": "tok_visa"}}),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(placed.status(), 202);
+        place_order(&client, &base, &alice, &[("A", 1)], "tok_visa").await;
     }
     api.kill().unwrap();
     api.wait().unwrap();

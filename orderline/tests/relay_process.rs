@@ -15,11 +15,13 @@ use api_common::auth::{Role, TokenKeys};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
-use serde_json::json;
 use sqlx::{Connection, PgConnection, PgPool};
 
 mod support;
-use support::{free_port, fresh_database, orderline, server_url, until, wait_ready, SECRET};
+use support::{
+    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
+    wait_ready, SECRET,
+};
 
 const ORDERS: usize = 30;
 
@@ -57,28 +59,9 @@ async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_br
     let customer = keys
         .mint("c1", Role::Customer, Duration::from_secs(600))
         .unwrap();
-    let created = client
-        .post(format!("{base}/api/v1/products"))
-        .bearer_auth(&ops)
-        .json(
-            &json!({"sku": "A", "name": "A", "price": {"amount_minor": 100, "currency": "EUR"},
-                      "initial_stock": 20}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+    register_product(&client, &base, &ops, "A", 100, 20).await;
     for _ in 0..ORDERS {
-        let placed = client
-            .post(format!("{base}/api/v1/orders"))
-            .bearer_auth(&customer)
-            .json(
-                &json!({"lines": [{"sku": "A", "quantity": 1}], "payment": {"token": "tok_visa"}}),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(placed.status(), 202);
+        place_order(&client, &base, &customer, &[("A", 1)], "tok_visa").await;
     }
 
     // Wait until the sagas are done and the relay has published the whole log.

@@ -14,7 +14,6 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use api_common::auth::{Role, TokenKeys};
-use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection, PgPool};
 
 /// Payment tokens of the orders, in turn: every path through the authorization step.
@@ -35,7 +34,9 @@ const CRASH_POINTS: [(&str, &str); 4] = [
 ];
 
 mod support;
-use support::{free_port, fresh_database, server_url, until, wait_ready, SECRET};
+use support::{
+    free_port, fresh_database, place_order, register_product, server_url, until, wait_ready, SECRET,
+};
 
 fn orderline(database_url: &str, port: u16, only: &str, env: &[(&str, &str)]) -> Child {
     support::orderline(database_url, port, &["serve", "--only", only], env)
@@ -100,34 +101,12 @@ async fn a_saga_runner_killed_at_every_step_boundary_completes_every_order_exact
     let mut api = orderline(&url, port, "api", &[]);
     wait_ready(&client, &base).await;
     for sku in ["A", "B"] {
-        let created = client
-            .post(format!("{base}/api/v1/products"))
-            .bearer_auth(&ops)
-            .json(
-                &json!({"sku": sku, "name": sku, "price": {"amount_minor": 100, "currency": "EUR"},
-                          "initial_stock": 100}),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
+        register_product(&client, &base, &ops, sku, 100, 100).await;
     }
     let mut orders = Vec::new();
     for token in TOKENS {
-        let placed: Value = client
-            .post(format!("{base}/api/v1/orders"))
-            .bearer_auth(&customer)
-            .json(
-                &json!({"lines": [{"sku": "B", "quantity": 2}, {"sku": "A", "quantity": 1}],
-                          "payment": {"token": token}}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        orders.push((placed["order_id"].as_str().unwrap().to_owned(), token));
+        let id = place_order(&client, &base, &customer, &[("B", 2), ("A", 1)], token).await;
+        orders.push((id, token));
     }
 
     // Runners die at every boundary, twice round.

@@ -15,18 +15,28 @@ use crate::fulfillment::{Entry, Fulfillment, Goal, PaymentProgress, SagaState};
 /// # Errors
 /// The database error, if any.
 pub async fn insert(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
+    let inserted = write(
+        conn,
         "INSERT INTO sagas (order_id, state, due_at, deadline, data) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (order_id) DO NOTHING",
+        saga,
     )
-    .bind(saga.order_id().as_uuid())
-    .bind(saga.state().as_str())
-    .bind(saga.due())
-    .bind(saga.deadline())
-    .bind(sqlx::types::Json(saga))
-    .execute(conn)
     .await?;
-    Ok(inserted.rows_affected() == 1)
+    Ok(inserted == 1)
+}
+
+/// Runs `sql` with the saga's columns bound as `$1` (order id) to `$5` (the JSON state);
+/// returns the rows affected.
+async fn write(conn: &mut PgConnection, sql: &str, saga: &Fulfillment) -> sqlx::Result<u64> {
+    let done = sqlx::query(sql)
+        .bind(saga.order_id().as_uuid())
+        .bind(saga.state().as_str())
+        .bind(saga.due())
+        .bind(saga.deadline())
+        .bind(sqlx::types::Json(saga))
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
 }
 
 /// Reads a saga and locks its row until the transaction ends.
@@ -60,18 +70,14 @@ pub async fn read(conn: &mut PgConnection, order_id: OrderId) -> sqlx::Result<Op
 /// # Errors
 /// The database error, if any.
 pub async fn save(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<()> {
-    sqlx::query(
+    write(
+        conn,
         "UPDATE sagas SET state = $2, due_at = $3, deadline = $4, data = $5, updated_at = now()
           WHERE order_id = $1",
+        saga,
     )
-    .bind(saga.order_id().as_uuid())
-    .bind(saga.state().as_str())
-    .bind(saga.due())
-    .bind(saga.deadline())
-    .bind(sqlx::types::Json(saga))
-    .execute(conn)
-    .await?;
-    Ok(())
+    .await
+    .map(drop)
 }
 
 /// Orders whose pending gateway call is due, most overdue first.

@@ -76,3 +76,49 @@ pub async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Registers `sku` at `price_minor` EUR cents with `stock` units through the API, as `admin`.
+pub async fn register_product(
+    client: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    sku: &str,
+    price_minor: i64,
+    stock: i64,
+) {
+    let created = client
+        .post(format!("{base}/api/v1/products"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({
+            "sku": sku, "name": sku, "initial_stock": stock,
+            "price": {"amount_minor": price_minor, "currency": "EUR"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "registering {sku}");
+}
+
+/// Places an order of `(sku, quantity)` lines paid with `token`, as `customer`; answers its id.
+pub async fn place_order(
+    client: &reqwest::Client,
+    base: &str,
+    customer: &str,
+    lines: &[(&str, i64)],
+    token: &str,
+) -> String {
+    let lines: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity}))
+        .collect();
+    let placed = client
+        .post(format!("{base}/api/v1/orders"))
+        .bearer_auth(customer)
+        .json(&serde_json::json!({"lines": lines, "payment": {"token": token}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), 202);
+    let body: serde_json::Value = placed.json().await.unwrap();
+    body["order_id"].as_str().unwrap().to_owned()
+}
