@@ -32,7 +32,7 @@ const STRIPES: usize = 1024;
 /// Writers to the same aggregate in this process queue here (fairly, first come first served)
 /// instead of racing, failing the append and retrying: a hot SKU costs a wait, not wasted
 /// transactions. Writers in other processes take turns on a Postgres advisory lock
-/// ([`EventStore::lock_and_catch_up`]); optimistic concurrency remains the last guard. See `docs/adr/0001-event-store-writes.md`.
+/// ([`EventStore::begin_locked`]); optimistic concurrency remains the last guard. See `docs/adr/0001-event-store-writes.md`.
 #[derive(Clone)]
 pub struct WriteLocks(Arc<[tokio::sync::Mutex<()>]>);
 
@@ -152,11 +152,10 @@ where
     let metadata = envelope.metadata();
     let _turn = state.locks.stripe(A::TYPE, id).lock().await;
     for attempt in 1..=MAX_ATTEMPTS {
-        // Load on a pooled connection that is returned before the transaction takes one, so a
-        // request never holds two connections at once.
-        let mut loaded = store.load::<A>(id).await?;
-
-        let mut tx = store.pool().begin().await?;
+        // One connection, four round trips: BEGIN with the aggregate's write lock, the load
+        // (snapshot and the events after it), the append, COMMIT. Writers in other processes
+        // take turns on the lock, so the state decided on is current.
+        let (mut tx, loaded) = store.begin_locked::<A>(id).await?;
         if let Some(key) = envelope.idempotency_key {
             if !idempotency::try_lock(&mut tx, caller, key).await? {
                 return Err(ApiError::Conflict(
@@ -167,9 +166,6 @@ where
                 return envelope.replay(stored);
             }
         }
-        // Writers in other processes take turns here; whatever they appended since the load
-        // is applied before deciding, so the append below does not conflict with them.
-        EventStore::lock_and_catch_up(&mut tx, id, &mut loaded).await?;
         let mut after = loaded.aggregate.clone();
         let sink = EventSink::<A>::default();
         after

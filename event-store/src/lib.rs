@@ -1,7 +1,10 @@
 //! The orderline event store on Postgres.
 //!
-//! - Loading goes through postgres-es's [`PostgresEventRepository`] (snapshot plus the events
-//!   after it), so the table layout stays the one postgres-es knows.
+//! - Writers load inside their own transaction, under the aggregate's write lock
+//!   ([`EventStore::begin_locked`], [`EventStore::lock_and_load`]): snapshot plus the events
+//!   after it in one query. Readers outside a transaction go through postgres-es's
+//!   [`PostgresEventRepository`] ([`EventStore::load`]); the table layout stays the one
+//!   postgres-es knows.
 //! - Appending is ours ([`EventStore::append`]): it runs inside a transaction the caller owns, so
 //!   the idempotency record of an HTTP command and the aggregate's snapshot commit atomically with
 //!   the events, and it returns the global position the API answers with. postgres-es's own
@@ -317,77 +320,54 @@ impl EventStore {
         })
     }
 
-    /// Takes the transaction-scoped write lock on one aggregate, then applies to `loaded` the
-    /// events other writers committed since it was read, on the same connection.
+    /// Starts a transaction on a pooled connection that holds aggregate `id`'s write lock, and
+    /// loads the aggregate inside it: the hot path of a command, in two round trips (`BEGIN`
+    /// with the lock, then the load) before the append and the commit.
     ///
-    /// Every orderline writer calls this before it decides, so writers in different processes
+    /// # Errors
+    /// As [`EventStore::lock_and_load`].
+    pub async fn begin_locked<A: StoredAggregate>(
+        &self,
+        id: &str,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Loaded<A>), StoreError> {
+        // The key is a number computed here, so the statement can go in the simple-query `BEGIN`
+        // without binding anything; nothing from the request is spliced into SQL.
+        let mut tx = self
+            .pool
+            .begin_with(format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_CLASS}, {})",
+                write_lock_key(A::TYPE, id)
+            ))
+            .await?;
+        let loaded = load_locked::<A>(&mut tx, id).await?;
+        Ok((tx, loaded))
+    }
+
+    /// Takes aggregate `id`'s transaction-scoped write lock on `conn` (inside the caller's
+    /// transaction), then loads the aggregate: its snapshot, the events after it, and the hash
+    /// the next append chains to.
+    ///
+    /// Every orderline writer loads this way before it decides, so writers in every process
     /// take turns instead of racing: after this returns, nobody else appends to the aggregate
-    /// until the caller's transaction ends, and `loaded` is current. Loading stays outside the
-    /// transaction (ADR 1: a request never holds two pooled connections); only the few events
-    /// that won the race are read here. The lock is released at commit or rollback.
+    /// until the caller's transaction ends, and the state is current. The lock is released at
+    /// commit or rollback. See `docs/adr/0001-event-store-writes.md`.
     ///
     /// # Errors
     /// [`StoreError::Conflict`] when this transaction already has a transaction id and a
     /// younger transaction has appended to the aggregate since (its events would come out of
     /// the log before this one's, against their sequence): roll back and start over.
-    /// [`StoreError::Database`] if Postgres fails; [`StoreError::Corrupt`] if a newer event
-    /// does not deserialize.
-    pub async fn lock_and_catch_up<A: StoredAggregate>(
+    /// [`StoreError::Database`] if Postgres fails; [`StoreError::Corrupt`] if a stored event or
+    /// snapshot does not deserialize.
+    pub async fn lock_and_load<A: StoredAggregate>(
         conn: &mut PgConnection,
         id: &str,
-        loaded: &mut Loaded<A>,
-    ) -> Result<(), StoreError> {
-        // Class 8104 keeps these apart from the other advisory locks (see ADR 5); a hash
-        // collision between two aggregates only makes them take turns.
-        sqlx::query("SELECT pg_advisory_xact_lock(8104, hashtext($1 || ':' || $2))")
-            .bind(A::TYPE)
-            .bind(id)
+    ) -> Result<Loaded<A>, StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(WRITE_LOCK_CLASS)
+            .bind(write_lock_key(A::TYPE, id))
             .execute(&mut *conn)
             .await?;
-        // The log is ordered by transaction id, and one aggregate's events must come out of it
-        // in sequence order. A transaction that got its id (by an earlier write) before another
-        // one appended to this aggregate and committed would put its event after theirs in
-        // sequence but before it in the log. It must start over with a new, larger id.
-        let newest: Option<(Option<bool>, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT transaction_id > pg_current_xact_id_if_assigned(), hash FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let (overtaken, last_hash) = newest.unwrap_or_default();
-        if overtaken == Some(true) {
-            return Err(StoreError::Conflict);
-        }
-        // The next append chains to the newest event's hash (ADR 9).
-        loaded.last_hash = last_hash;
-        let newer: Vec<(i64, String, String, Value)> = sqlx::query_as(
-            "SELECT sequence, event_type, event_version, payload FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
-              ORDER BY sequence",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .bind(i64::try_from(loaded.version).unwrap_or(i64::MAX))
-        .fetch_all(&mut *conn)
-        .await?;
-        for (sequence, event_type, event_version, payload) in newer {
-            for current in upcast::upcast(A::TYPE, &event_type, &event_version, payload) {
-                let event: A::Event =
-                    serde_json::from_value(current.payload).map_err(|source| {
-                        StoreError::Corrupt {
-                            what: "event",
-                            aggregate_type: A::TYPE,
-                            aggregate_id: id.to_owned(),
-                            source,
-                        }
-                    })?;
-                loaded.aggregate.apply(event);
-            }
-            loaded.version = usize::try_from(sequence).unwrap_or(usize::MAX);
-        }
-        Ok(())
+        load_locked(conn, id).await
     }
 
     /// The global position of the newest event of one aggregate, 0 if it has none. Commands that
@@ -406,6 +386,120 @@ impl EventStore {
             .await?;
         Ok(position.unwrap_or(0))
     }
+}
+
+/// The advisory lock class of aggregate write locks; it keeps them apart from orderline's other
+/// advisory locks (see ADR 5).
+const WRITE_LOCK_CLASS: i32 = 8104;
+
+/// The advisory lock key of one aggregate: FNV-1a of `type:id`, folded to 32 bits. Every writer
+/// computes it here, so all of them lock the same key; two aggregates that collide only take
+/// turns.
+pub fn write_lock_key(aggregate_type: &str, id: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in aggregate_type
+        .bytes()
+        .chain(std::iter::once(b':'))
+        .chain(id.bytes())
+    {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// The snapshot (if any, first, with a NULL sequence), then every event from the snapshot's
+/// sequence on (the one at it only gives the hash), each with whether a younger transaction
+/// wrote it than the current one.
+const LOAD_LOCKED: &str = "
+WITH s AS (SELECT last_sequence, payload FROM snapshots
+            WHERE aggregate_type = $1 AND aggregate_id = $2 AND $3)
+SELECT last_sequence, NULL::bigint AS sequence, NULL::text, NULL::text, payload::text,
+       NULL::bytea, NULL::bool
+  FROM s
+UNION ALL
+SELECT NULL, e.sequence, e.event_type, e.event_version, e.payload::text, e.hash,
+       e.transaction_id > pg_current_xact_id_if_assigned()
+  FROM events e
+ WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+   AND e.sequence >= coalesce((SELECT last_sequence FROM s), 0)
+ORDER BY 2 NULLS FIRST";
+
+type LockedRow = (
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<Vec<u8>>,
+    Option<bool>,
+);
+
+/// Loads aggregate `id` in one query, on a connection that holds its write lock.
+async fn load_locked<A: StoredAggregate>(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Loaded<A>, StoreError> {
+    let corrupt = |what, source| StoreError::Corrupt {
+        what,
+        aggregate_type: A::TYPE,
+        aggregate_id: id.to_owned(),
+        source,
+    };
+    let rows: Vec<LockedRow> = sqlx::query_as(LOAD_LOCKED)
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(A::SNAPSHOT_EVERY.is_some())
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut loaded = Loaded {
+        aggregate: A::default(),
+        version: 0,
+        snapshot_version: 0,
+        last_hash: None,
+    };
+    let mut overtaken = None;
+    for (snapshot, sequence, event_type, event_version, payload, hash, younger) in rows {
+        if let Some(last_sequence) = snapshot {
+            loaded.aggregate =
+                serde_json::from_str(&payload).map_err(|e| corrupt("snapshot", e))?;
+            loaded.snapshot_version = usize::try_from(last_sequence).unwrap_or(usize::MAX);
+            loaded.version = loaded.snapshot_version;
+            continue;
+        }
+        let (Some(sequence), Some(event_type), Some(event_version)) =
+            (sequence, event_type, event_version)
+        else {
+            continue;
+        };
+        let sequence = usize::try_from(sequence).unwrap_or(usize::MAX);
+        (loaded.last_hash, overtaken) = (hash, younger);
+        if sequence <= loaded.version {
+            // The event the snapshot already holds: read only for its hash.
+            continue;
+        }
+        if upcast::is_old(A::TYPE, &event_type, &event_version) {
+            let value: Value = serde_json::from_str(&payload).map_err(|e| corrupt("event", e))?;
+            for current in upcast::upcast(A::TYPE, &event_type, &event_version, value) {
+                let event: A::Event =
+                    serde_json::from_value(current.payload).map_err(|e| corrupt("event", e))?;
+                loaded.aggregate.apply(event);
+            }
+        } else {
+            let event: A::Event =
+                serde_json::from_str(&payload).map_err(|e| corrupt("event", e))?;
+            loaded.aggregate.apply(event);
+        }
+        loaded.version = sequence;
+    }
+    // The log is ordered by transaction id, and one aggregate's events must come out of it in
+    // sequence order. A transaction that got its id (by an earlier write) before another one
+    // appended to this aggregate and committed would put its event after theirs in sequence but
+    // before it in the log. It must start over with a new, larger id.
+    if overtaken == Some(true) {
+        return Err(StoreError::Conflict);
+    }
+    Ok(loaded)
 }
 
 /// A duplicate `(aggregate_type, aggregate_id, sequence)` means someone appended first.

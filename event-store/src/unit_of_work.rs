@@ -3,7 +3,7 @@
 //!
 //! Background processes (the fulfillment saga) write many commands per transaction: a page of
 //! placed orders reserves stock on the same few hot SKUs again and again. The first command on an
-//! aggregate loads it, takes its write lock ([`EventStore::lock_and_catch_up`]) and keeps it;
+//! aggregate loads it, takes its write lock ([`EventStore::lock_and_load`]) and keeps it;
 //! later commands in the same transaction decide on the kept state and only append. That is
 //! sound because the lock is held until the transaction ends: nobody else can append meanwhile.
 //! A [`UnitOfWork`] must therefore live exactly as long as its transaction.
@@ -37,7 +37,6 @@ impl UnitOfWork {
     /// must then be abandoned.
     pub async fn execute<A>(
         &mut self,
-        store: &EventStore,
         conn: &mut PgConnection,
         id: &str,
         command: A::Command,
@@ -53,11 +52,7 @@ impl UnitOfWork {
             .and_then(|held| held.downcast::<Loaded<A>>().ok());
         let mut loaded = match kept {
             Some(loaded) => *loaded,
-            None => {
-                let mut loaded = store.load::<A>(id).await?;
-                EventStore::lock_and_catch_up(conn, id, &mut loaded).await?;
-                loaded
-            }
+            None => EventStore::lock_and_load::<A>(conn, id).await?,
         };
         let mut after = loaded.aggregate.clone();
         let sink = EventSink::<A>::default();

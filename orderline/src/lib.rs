@@ -204,10 +204,8 @@ impl Application {
             consumers.extend(projections::consumers());
         }
         if self.parts.sagas {
-            consumers.push(
-                Arc::new(FulfillmentConsumer::new(store.clone(), self.saga.timing))
-                    as Arc<dyn Consumer>,
-            );
+            consumers
+                .push(Arc::new(FulfillmentConsumer::new(self.saga.timing)) as Arc<dyn Consumer>);
         }
         if self.parts.relay {
             match &self.kafka {

@@ -87,7 +87,7 @@ enum Performed {
 /// Advances `saga` as far as it goes without the gateway, sending its aggregate commands in
 /// `conn`'s transaction.
 async fn drive(
-    work: &mut Work<'_>,
+    work: &mut Work,
     conn: &mut PgConnection,
     saga: &mut Fulfillment,
     timing: &Timing,
@@ -113,7 +113,7 @@ async fn drive(
 
 /// Sends the aggregate command behind `action`.
 async fn perform(
-    work: &mut Work<'_>,
+    work: &mut Work,
     conn: &mut PgConnection,
     saga: &Fulfillment,
     action: &Action,
@@ -141,16 +141,14 @@ async fn perform(
     })
 }
 
-/// The store and the aggregates one transaction has locked so far.
-struct Work<'s> {
-    store: &'s EventStore,
+/// The aggregates one transaction has locked so far.
+struct Work {
     unit: UnitOfWork,
 }
 
-impl<'s> Work<'s> {
-    fn new(store: &'s EventStore) -> Self {
+impl Work {
+    fn new() -> Self {
         Self {
-            store,
             unit: UnitOfWork::new(),
         }
     }
@@ -164,7 +162,7 @@ impl<'s> Work<'s> {
     ) -> Result<Result<(), A::Error>, StoreError> {
         Ok(self
             .unit
-            .execute::<A>(self.store, conn, id, command, metadata)
+            .execute::<A>(conn, id, command, metadata)
             .await?
             .map(|_| ()))
     }
@@ -195,19 +193,18 @@ fn crash_point(point: &str) {
 /// The saga's log consumer. Guarantee: transactional (saga rows and commands commit with the
 /// checkpoint).
 pub struct FulfillmentConsumer {
-    store: EventStore,
     timing: Timing,
 }
 
 impl FulfillmentConsumer {
-    /// A consumer writing through `store`.
-    pub fn new(store: EventStore, timing: Timing) -> Self {
-        Self { store, timing }
+    /// A consumer that writes, inside the runner's transactions, with `timing`'s deadlines.
+    pub fn new(timing: Timing) -> Self {
+        Self { timing }
     }
 
     async fn advance(
         &self,
-        work: &mut Work<'_>,
+        work: &mut Work,
         tx: &mut PgConnection,
         order_id: OrderId,
         change: impl FnOnce(&mut Fulfillment),
@@ -239,7 +236,7 @@ impl Consumer for FulfillmentConsumer {
     }
 
     async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError> {
-        let mut work = Work::new(&self.store);
+        let mut work = Work::new();
         let mut current = Vec::with_capacity(events.len());
         LogEvent::for_each_current(events, |e| -> Result<(), ConsumerError> {
             if e.aggregate_type == <Order as cqrs_es::Aggregate>::TYPE {
@@ -313,7 +310,6 @@ pub struct GatewayWorker {
 
 struct Worker {
     pool: PgPool,
-    store: EventStore,
     gateway: Arc<dyn PaymentGateway>,
     config: SagaConfig,
     in_flight: Mutex<HashSet<OrderId>>,
@@ -331,7 +327,6 @@ impl GatewayWorker {
         let (stop, stopped) = watch::channel(false);
         let worker = Arc::new(Worker {
             pool,
-            store,
             gateway,
             config,
             in_flight: Mutex::new(HashSet::new()),
@@ -470,7 +465,7 @@ impl Worker {
             tracing::debug!(%order_id, ?op, ?answer, "gateway answered");
             saga.on_gateway(op, answer, timing, Utc::now());
         }
-        drive(&mut Work::new(&self.store), &mut tx, &mut saga, timing).await?;
+        drive(&mut Work::new(), &mut tx, &mut saga, timing).await?;
         store::save(&mut tx, &saga).await?;
         tx.commit().await?;
         crash_point("after_gateway_record");

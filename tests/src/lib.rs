@@ -20,7 +20,7 @@ use aggregates::payment::{Payment, PaymentStatus};
 use api_common::auth::{Role, TokenKeys};
 use cqrs_es::persist::PersistedEventRepository;
 use event_store::unit_of_work::UnitOfWork;
-use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
+use event_store::{Metadata, StoreError, StoredAggregate};
 use orderline::Parts;
 use postgres_es::PostgresEventRepository;
 use sagas::fulfillment::Timing;
@@ -350,7 +350,6 @@ impl TestApp {
         A: StoredAggregate<Services = ()> + Send + Sync + 'static,
         A::Command: Clone,
     {
-        let store = EventStore::new(self.pool.clone());
         let metadata = Metadata {
             correlation_id: Uuid::new_v4(),
             causation_id: Uuid::new_v4(),
@@ -362,7 +361,7 @@ impl TestApp {
             let mut tx = self.pool.begin().await.expect("begin");
             let mut work = UnitOfWork::new();
             match work
-                .execute::<A>(&store, &mut tx, id, command.clone(), &metadata)
+                .execute::<A>(&mut tx, id, command.clone(), &metadata)
                 .await
             {
                 Ok(Ok(_)) => {
