@@ -128,6 +128,23 @@ fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The URL of database `name` on the server of [`server_url`]. Without an `sslmode` there, it
+/// is `disable`: the bench talks to Postgres on the same host, where TLS only burns the CPU both
+/// sides share. orderline and the baseline always use the same URL.
+fn database_url(name: &str) -> anyhow::Result<String> {
+    let url = server_url();
+    let (base, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+    let Some((server, _)) = base.rsplit_once('/') else {
+        anyhow::bail!("DATABASE_URL needs a database part");
+    };
+    let query = match query {
+        "" => "sslmode=disable".to_owned(),
+        q if q.contains("sslmode=") => q.to_owned(),
+        q => format!("{q}&sslmode=disable"),
+    };
+    Ok(format!("{server}/{name}?{query}"))
+}
+
 /// A database that exists for one scenario.
 pub(crate) struct BenchDatabase {
     name: String,
@@ -147,10 +164,7 @@ impl BenchDatabase {
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await?;
-        let url = match server_url().rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{name}"),
-            None => anyhow::bail!("DATABASE_URL needs a database part"),
-        };
+        let url = database_url(&name)?;
         let pool = event_store::connect(&url, 16).await?;
         event_store::MIGRATOR.run(&pool).await?;
         Ok(Self { name, url, pool })
