@@ -6,7 +6,7 @@
 //! - `hot-sku`: the same on one SKU: every command contends for one stream.
 //! - `place-order`: `POST /api/v1/orders` (two lines, `tok_visa`): acceptance latency, then how
 //!   many orders a second reach `confirmed` in the read model and how long a sample of them took.
-//! - `query`: `GET /api/v1/orders/{id}` over 2,000 existing orders, as their owner.
+//! - `query`: `GET /api/v1/orders/{id}` over existing orders (`--orders`, 2,000), as their owner.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +24,6 @@ use crate::{baseline, round, BenchDatabase};
 
 /// SKUs registered for every HTTP scenario.
 const PRODUCTS: usize = 1_000;
-/// Orders placed before the `query` scenario reads them.
-const QUERY_ORDERS: usize = 2_000;
 /// One order in this many is followed until it is confirmed.
 const SAMPLE_EVERY: u64 = 8;
 
@@ -75,6 +73,7 @@ pub async fn run(
     url: &str,
     load: Load,
     sides: Sides,
+    query_orders: usize,
 ) -> anyhow::Result<Value> {
     let server = ServerProcess::start(url).await?;
     let client = reqwest::Client::builder()
@@ -82,7 +81,7 @@ pub async fn run(
         .build()?;
     register_products(&client, &server).await?;
     let query_ids = Arc::new(match shape {
-        Shape::Query => place_orders(&client, &server, pool).await?,
+        Shape::Query => place_orders(&client, &server, pool, query_orders).await?,
         _ => Vec::new(),
     });
     let own = match shape {
@@ -394,13 +393,14 @@ async fn follow(
     }
 }
 
-/// Places [`QUERY_ORDERS`] orders and waits until the read model has them; answers their ids.
+/// Places `count` orders and waits until the read model has them; answers their ids.
 async fn place_orders(
     client: &reqwest::Client,
     server: &ServerProcess,
     pool: &PgPool,
+    count: usize,
 ) -> anyhow::Result<Vec<Uuid>> {
-    let ids: Vec<Uuid> = stream::iter(0..QUERY_ORDERS as u64)
+    let ids: Vec<Uuid> = stream::iter(0..count.max(1) as u64)
         .map(|n| async move {
             let body: Value = client
                 .post(format!("{}/api/v1/orders", server.base))

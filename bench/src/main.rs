@@ -11,7 +11,7 @@
 //! - `hot-sku`: restocks of one SKU; baseline: the same on one stream;
 //! - `place-order`: placements, then confirmed orders per second and placement-to-confirmed
 //!   time in the read model; baseline: the `restock` baseline;
-//! - `query`: `GET /api/v1/orders/{id}` over 2,000 orders; baseline: the row by id.
+//! - `query`: `GET /api/v1/orders/{id}` over `--orders` orders; baseline: the row by id.
 //!
 //! Log scenarios generate a log of real events and time a consumer against Postgres alone:
 //!
@@ -59,6 +59,9 @@ struct Cli {
     /// Warm-up seconds before measuring.
     #[arg(long, global = true, default_value_t = 3.0)]
     warmup: f64,
+    /// Orders placed for the `query` scenario to read.
+    #[arg(long, global = true, default_value_t = 2_000)]
+    orders: usize,
     /// Measure Postgres alone only (the HTTP scenarios' baselines).
     #[arg(long, global = true)]
     baseline: bool,
@@ -305,9 +308,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         api::Sides::Both
     };
+    let orders = cli.orders;
     let http = |shape| async move {
         on_fresh_database(|pool, url| async move {
-            Ok(vec![api::run(shape, &pool, &url, load, sides).await?])
+            Ok(vec![
+                api::run(shape, &pool, &url, load, sides, orders).await?,
+            ])
         })
         .await
     };

@@ -117,6 +117,18 @@ pub struct Loaded<A> {
     last_hash: Option<Vec<u8>>,
 }
 
+impl<A: Default> Loaded<A> {
+    /// An aggregate with no events.
+    fn new() -> Self {
+        Self {
+            aggregate: A::default(),
+            version: 0,
+            snapshot_version: 0,
+            last_hash: None,
+        }
+    }
+}
+
 impl<A> Loaded<A> {
     /// Whether the aggregate has no events yet.
     pub fn is_new(&self) -> bool {
@@ -370,6 +382,28 @@ impl EventStore {
         load_locked(conn, id).await
     }
 
+    /// [`EventStore::lock_and_load`] for many aggregates of one type in two round trips: the
+    /// write locks in key order (so two callers never wait on each other crosswise), then one
+    /// query for all their states. Answers each id with its state, in no particular order.
+    ///
+    /// # Errors
+    /// As [`EventStore::lock_and_load`].
+    pub async fn lock_and_load_many<A: StoredAggregate>(
+        conn: &mut PgConnection,
+        ids: &[&str],
+    ) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
+        let keys: Vec<i32> = ids.iter().map(|id| write_lock_key(A::TYPE, id)).collect();
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock($1, k)
+               FROM (SELECT DISTINCT k FROM unnest($2::int4[]) AS k ORDER BY k) AS keys",
+        )
+        .bind(WRITE_LOCK_CLASS)
+        .bind(&keys)
+        .execute(&mut *conn)
+        .await?;
+        load_locked_many(conn, ids).await
+    }
+
     /// The global position of the newest event of one aggregate, 0 if it has none. Commands that
     /// change nothing (a repeated cancel) answer with it.
     ///
@@ -408,24 +442,28 @@ pub fn write_lock_key(aggregate_type: &str, id: &str) -> i32 {
     i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
-/// The snapshot (if any, first, with a NULL sequence), then every event from the snapshot's
-/// sequence on (the one at it only gives the hash), each with whether a younger transaction
-/// wrote it than the current one.
+/// For each aggregate of `$2`: its snapshot (if any, first, with a NULL sequence), then every
+/// event from the snapshot's sequence on (the one at it only gives the hash), each with whether a
+/// younger transaction than the current one wrote it.
 const LOAD_LOCKED: &str = "
-WITH s AS (SELECT last_sequence, payload FROM snapshots
-            WHERE aggregate_type = $1 AND aggregate_id = $2 AND $3)
-SELECT last_sequence, NULL::bigint AS sequence, NULL::text, NULL::text, payload::text,
-       NULL::bytea, NULL::bool
+WITH s AS (SELECT aggregate_id, last_sequence, payload FROM snapshots
+            WHERE aggregate_type = $1 AND aggregate_id = ANY($2) AND $3)
+SELECT aggregate_id, last_sequence, NULL::bigint AS sequence, NULL::text, NULL::text,
+       payload::text, NULL::bytea, NULL::bool
   FROM s
 UNION ALL
-SELECT NULL, e.sequence, e.event_type, e.event_version, e.payload::text, e.hash,
+SELECT e.aggregate_id, NULL, e.sequence, e.event_type, e.event_version, e.payload::text, e.hash,
        e.transaction_id > pg_current_xact_id_if_assigned()
-  FROM events e
- WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
-   AND e.sequence >= coalesce((SELECT last_sequence FROM s), 0)
-ORDER BY 2 NULLS FIRST";
+  FROM unnest($2::text[]) AS ids(id)
+  LEFT JOIN s ON s.aggregate_id = ids.id
+  -- Per aggregate, so the snapshot's sequence bounds the index scan of its stream.
+  CROSS JOIN LATERAL (SELECT * FROM events e
+                       WHERE e.aggregate_type = $1 AND e.aggregate_id = ids.id
+                         AND e.sequence >= coalesce(s.last_sequence, 0)) AS e
+ORDER BY 1, 3 NULLS FIRST";
 
 type LockedRow = (
+    String,
     Option<i64>,
     Option<i64>,
     Option<String>,
@@ -435,31 +473,74 @@ type LockedRow = (
     Option<bool>,
 );
 
+/// [`LOAD_LOCKED`] for one aggregate: the snapshot's sequence is a scalar the index scan can
+/// use directly, and the plan is the simplest (the hot path of every command).
+const LOAD_ONE_LOCKED: &str = "
+WITH s AS (SELECT last_sequence, payload FROM snapshots
+            WHERE aggregate_type = $1 AND aggregate_id = $2 AND $3)
+SELECT $2::text, last_sequence, NULL::bigint AS sequence, NULL::text, NULL::text, payload::text,
+       NULL::bytea, NULL::bool
+  FROM s
+UNION ALL
+SELECT $2::text, NULL, e.sequence, e.event_type, e.event_version, e.payload::text, e.hash,
+       e.transaction_id > pg_current_xact_id_if_assigned()
+  FROM events e
+ WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+   AND e.sequence >= coalesce((SELECT last_sequence FROM s), 0)
+ORDER BY 3 NULLS FIRST";
+
 /// Loads aggregate `id` in one query, on a connection that holds its write lock.
 async fn load_locked<A: StoredAggregate>(
     conn: &mut PgConnection,
     id: &str,
 ) -> Result<Loaded<A>, StoreError> {
-    let corrupt = |what, source| StoreError::Corrupt {
-        what,
-        aggregate_type: A::TYPE,
-        aggregate_id: id.to_owned(),
-        source,
-    };
-    let rows: Vec<LockedRow> = sqlx::query_as(LOAD_LOCKED)
+    let rows: Vec<LockedRow> = sqlx::query_as(LOAD_ONE_LOCKED)
         .bind(A::TYPE)
         .bind(id)
         .bind(A::SNAPSHOT_EVERY.is_some())
         .fetch_all(&mut *conn)
         .await?;
-    let mut loaded = Loaded {
-        aggregate: A::default(),
-        version: 0,
-        snapshot_version: 0,
-        last_hash: None,
-    };
+    let mut loaded = fold_locked::<A>(rows, &[id])?;
+    Ok(loaded.pop().map(|(_, l)| l).unwrap_or_else(Loaded::new))
+}
+
+/// Loads aggregates `ids` in one query, on a connection that holds their write locks; answers
+/// each id with its state, in no particular order.
+async fn load_locked_many<A: StoredAggregate>(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
+    let rows: Vec<LockedRow> = sqlx::query_as(LOAD_LOCKED)
+        .bind(A::TYPE)
+        .bind(ids)
+        .bind(A::SNAPSHOT_EVERY.is_some())
+        .fetch_all(&mut *conn)
+        .await?;
+    fold_locked(rows, ids)
+}
+
+/// Folds the rows of [`LOAD_LOCKED`] (sorted by aggregate, snapshot first) into each aggregate's
+/// state; `ids` without rows are new aggregates.
+fn fold_locked<A: StoredAggregate>(
+    rows: Vec<LockedRow>,
+    ids: &[&str],
+) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
+    let mut done: Vec<(String, Loaded<A>)> = Vec::with_capacity(ids.len());
     let mut overtaken = None;
-    for (snapshot, sequence, event_type, event_version, payload, hash, younger) in rows {
+    for (id, snapshot, sequence, event_type, event_version, payload, hash, younger) in rows {
+        let corrupt = |what, source| StoreError::Corrupt {
+            what,
+            aggregate_type: A::TYPE,
+            aggregate_id: id.clone(),
+            source,
+        };
+        if done.last().is_none_or(|(last, _)| *last != id) {
+            check_overtaken(overtaken.take())?;
+            done.push((id.clone(), Loaded::new()));
+        }
+        let Some((_, loaded)) = done.last_mut() else {
+            continue;
+        };
         if let Some(last_sequence) = snapshot {
             loaded.aggregate =
                 serde_json::from_str(&payload).map_err(|e| corrupt("snapshot", e))?;
@@ -492,14 +573,25 @@ async fn load_locked<A: StoredAggregate>(
         }
         loaded.version = sequence;
     }
-    // The log is ordered by transaction id, and one aggregate's events must come out of it in
-    // sequence order. A transaction that got its id (by an earlier write) before another one
-    // appended to this aggregate and committed would put its event after theirs in sequence but
-    // before it in the log. It must start over with a new, larger id.
-    if overtaken == Some(true) {
-        return Err(StoreError::Conflict);
+    check_overtaken(overtaken)?;
+    for id in ids {
+        if !done.iter().any(|(loaded, _)| loaded == id) {
+            done.push(((*id).to_owned(), Loaded::new()));
+        }
     }
-    Ok(loaded)
+    Ok(done)
+}
+
+/// The log is ordered by transaction id, and one aggregate's events must come out of it in
+/// sequence order. A transaction that got its id (by an earlier write) before another one
+/// appended to an aggregate and committed would put its event after theirs in sequence but
+/// before it in the log: `younger` (of the aggregate's newest event) says so, and the
+/// transaction must start over with a new, larger id.
+fn check_overtaken(younger: Option<bool>) -> Result<(), StoreError> {
+    match younger {
+        Some(true) => Err(StoreError::Conflict),
+        _ => Ok(()),
+    }
 }
 
 /// A duplicate `(aggregate_type, aggregate_id, sequence)` means someone appended first.

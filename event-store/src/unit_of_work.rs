@@ -29,6 +29,37 @@ impl UnitOfWork {
         Self::default()
     }
 
+    /// Locks and loads the aggregates `ids` of type `A` that this unit of work does not hold
+    /// yet, all at once ([`EventStore::lock_and_load_many`]), so the commands that follow on
+    /// them need no load of their own. A page of placed orders prefetches every SKU it
+    /// reserves: two round trips instead of two per SKU.
+    ///
+    /// # Errors
+    /// As [`EventStore::lock_and_load_many`]; the transaction must then be abandoned.
+    pub async fn prefetch<A>(
+        &mut self,
+        conn: &mut PgConnection,
+        ids: &[&str],
+    ) -> Result<(), StoreError>
+    where
+        A: StoredAggregate + Send + Sync + 'static,
+    {
+        let mut missing: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.loaded.contains_key(&(A::TYPE, (*id).to_owned())))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for (id, loaded) in EventStore::lock_and_load_many::<A>(conn, &missing).await? {
+            self.loaded.insert((A::TYPE, id), Box::new(loaded));
+        }
+        Ok(())
+    }
+
     /// Decides `command` on aggregate `id` and appends its events in `conn`'s transaction.
     /// Returns the events (empty when the command changed nothing) or the domain's refusal.
     ///

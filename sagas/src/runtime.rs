@@ -244,9 +244,36 @@ impl Consumer for FulfillmentConsumer {
             }
             Ok(())
         })?;
-        for event in &current {
+        let decoded = current
+            .iter()
+            .map(|e| Ok((e, e.decode::<OrderEvent>()?)))
+            .collect::<Result<Vec<_>, ConsumerError>>()?;
+        // Every SKU the page's placements reserve and every payment they request, locked and
+        // loaded up front in four round trips rather than two per aggregate.
+        let mut skus = Vec::new();
+        let mut payments = Vec::new();
+        for (_, event) in &decoded {
+            if let OrderEvent::OrderPlaced {
+                order_id, lines, ..
+            } = event
+            {
+                skus.extend(lines.iter().map(|l| l.sku.as_str().to_owned()));
+                payments.push(order_id.to_string());
+            }
+        }
+        let skus: Vec<&str> = skus.iter().map(String::as_str).collect();
+        let payments: Vec<&str> = payments.iter().map(String::as_str).collect();
+        work.unit
+            .prefetch::<Product>(tx, &skus)
+            .await
+            .map_err(retry_conflicts)?;
+        work.unit
+            .prefetch::<Payment>(tx, &payments)
+            .await
+            .map_err(retry_conflicts)?;
+        for (event, decoded) in decoded {
             let now = Utc::now();
-            match event.decode::<OrderEvent>()? {
+            match decoded {
                 OrderEvent::OrderPlaced {
                     order_id,
                     lines,
@@ -290,11 +317,17 @@ impl Consumer for FulfillmentConsumer {
     }
 }
 
-/// A conflict says nothing about the events: the page is tried again, whole, never parked.
+/// A conflict, or a deadlock Postgres broke by aborting this transaction, says nothing about
+/// the events: the page is tried again, whole, never parked.
 fn retry_conflicts(error: StoreError) -> ConsumerError {
-    match error {
+    match &error {
         StoreError::Conflict => Box::new(Transient(error.to_string())),
-        other => Box::new(other),
+        StoreError::Database(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("40P01") =>
+        {
+            Box::new(Transient(error.to_string()))
+        }
+        _ => Box::new(error),
     }
 }
 
