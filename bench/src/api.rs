@@ -208,14 +208,17 @@ async fn restocks(
             .bearer_auth(&admin)
             .json(&json!({"quantity": 1}))
             .send();
-        async move {
-            match expect(request.await, 200).await {
-                Ok(r) => drain(r).await,
-                Err(why) => Outcome::Failed(why),
-            }
-        }
+        async move { answered(request.await, 200).await }
     })
     .await
+}
+
+/// The answer as an outcome: `expected`, read to the end, or a failure naming what came.
+async fn answered(response: Result<reqwest::Response, reqwest::Error>, expected: u16) -> Outcome {
+    match expect(response, expected).await {
+        Ok(r) => drain(r).await,
+        Err(why) => Outcome::Failed(why),
+    }
 }
 
 /// Reads the body to the end, so the connection is reused and the whole answer is timed.
@@ -441,12 +444,7 @@ async fn queries(
             .get(&urls[n as usize % urls.len()])
             .bearer_auth(&customer)
             .send();
-        async move {
-            match expect(request.await, 200).await {
-                Ok(r) => drain(r).await,
-                Err(why) => Outcome::Failed(why),
-            }
-        }
+        async move { answered(request.await, 200).await }
     })
     .await
 }
