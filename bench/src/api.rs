@@ -79,7 +79,14 @@ pub async fn run(
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(load.connections)
         .build()?;
-    register_products(&client, &server).await?;
+    register_products(
+        &client,
+        &server.base,
+        &server.admin,
+        PRODUCTS,
+        1_000_000_000,
+    )
+    .await?;
     let query_ids = Arc::new(match shape {
         Shape::Query => place_orders(&client, &server, pool, query_orders).await?,
         _ => Vec::new(),
@@ -156,15 +163,23 @@ fn merge(report: &mut Value, fields: Value) {
     }
 }
 
-async fn register_products(client: &reqwest::Client, server: &ServerProcess) -> anyhow::Result<()> {
-    stream::iter(0..PRODUCTS)
+/// Registers SKUs `P0` to `P{count-1}` at 1.00 EUR with `stock` units each, 16 at a time, as
+/// `admin` on the server at `base`.
+pub async fn register_products(
+    client: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    count: usize,
+    stock: u64,
+) -> anyhow::Result<()> {
+    stream::iter(0..count)
         .map(|i| async move {
             let body = json!({"sku": format!("P{i}"), "name": format!("Product {i}"),
                               "price": {"amount_minor": 100, "currency": "EUR"},
-                              "initial_stock": 1_000_000_000u64});
+                              "initial_stock": stock});
             client
-                .post(format!("{}/api/v1/products", server.base))
-                .bearer_auth(&server.admin)
+                .post(format!("{base}/api/v1/products"))
+                .bearer_auth(admin)
                 .json(&body)
                 .send()
                 .await?

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -49,19 +48,14 @@ impl BenchServer {
             stop,
             task,
         };
-        for i in 0..products {
-            let body = json!({"sku": format!("P{i}"), "name": "P",
-                              "price": {"amount_minor": 100, "currency": "EUR"},
-                              "initial_stock": 1_000_000});
-            server
-                .client
-                .post(format!("{}/api/v1/products", server.base))
-                .bearer_auth(&server.admin)
-                .json(&body)
-                .send()
-                .await?
-                .error_for_status()?;
-        }
+        crate::api::register_products(
+            &server.client,
+            &server.base,
+            &server.admin,
+            products,
+            1_000_000,
+        )
+        .await?;
         Ok(server)
     }
 
