@@ -25,6 +25,10 @@ pub enum ValueError {
     /// A money amount is negative where only zero or more makes sense.
     #[error("must not be negative")]
     NegativeAmount,
+    /// A price is zero or negative: everything the catalog sells costs at least one minor unit,
+    /// because a payment of nothing cannot be authorized (see the fulfillment saga).
+    #[error("must be at least 1")]
+    NotPositive,
     /// A text is empty (or only blanks) or longer than allowed.
     #[error("must be 1-{max} characters")]
     TextLength {
@@ -242,6 +246,17 @@ impl Money {
         })
     }
 
+    /// A price: at least one minor unit.
+    ///
+    /// # Errors
+    /// [`ValueError::NotPositive`] when `amount_minor` is zero or below.
+    pub fn price(amount_minor: i64, currency: Currency) -> Result<Self, ValueError> {
+        if amount_minor < 1 {
+            return Err(ValueError::NotPositive);
+        }
+        Self::new(amount_minor, currency)
+    }
+
     /// Zero in `currency`.
     pub fn zero(currency: Currency) -> Self {
         Self {
@@ -393,11 +408,58 @@ macro_rules! text_value {
     };
 }
 
-text_value!(
-    /// The customer placing an order: the `sub` of their token, as the identity provider gave it.
-    CustomerId,
-    255
-);
+/// The customer placing an order: the `sub` of their token, exactly as the identity provider
+/// gave it. Subjects are opaque: never trimmed or normalised, so `"alice "` is not `"alice"`;
+/// one that could be mistaken for another (surrounding blanks) or that holds control characters
+/// is refused, and so is the token that carries it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CustomerId(String);
+
+impl CustomerId {
+    /// Longest subject accepted, in characters.
+    pub const MAX_LEN: usize = 255;
+
+    /// Takes a subject as it is.
+    ///
+    /// # Errors
+    /// [`ValueError::TextLength`] for an empty or over-long subject or one with surrounding
+    /// blanks, [`ValueError::ControlCharacters`] for one with control characters.
+    pub fn parse(raw: &str) -> Result<Self, ValueError> {
+        if raw.chars().any(char::is_control) {
+            return Err(ValueError::ControlCharacters);
+        }
+        if raw.is_empty() || raw.chars().count() > Self::MAX_LEN || raw.trim() != raw {
+            return Err(ValueError::TextLength { max: Self::MAX_LEN });
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The subject.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for CustomerId {
+    type Error = ValueError;
+    fn try_from(raw: String) -> Result<Self, Self::Error> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<CustomerId> for String {
+    fn from(v: CustomerId) -> Self {
+        v.0
+    }
+}
+
+impl fmt::Display for CustomerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 text_value!(
     /// A product's display name.
     ProductName,
@@ -481,5 +543,24 @@ mod tests {
         assert!(Reason::parse("   ").is_err());
         assert!(Reason::parse("a\u{7}b").is_err());
         assert!(ProductName::parse(&"x".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn customer_ids_are_taken_as_sent_never_trimmed() {
+        assert_eq!(CustomerId::parse("alice").unwrap().as_str(), "alice");
+        assert_eq!(CustomerId::parse("a b").unwrap().as_str(), "a b");
+        assert!(CustomerId::parse("alice ").is_err());
+        assert!(CustomerId::parse(" alice").is_err());
+        assert!(CustomerId::parse("al\0ice").is_err());
+        assert!(CustomerId::parse("").is_err());
+        assert!(CustomerId::parse(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn a_price_is_at_least_one_minor_unit() {
+        let eur = Currency::parse("EUR").unwrap();
+        assert!(Money::price(0, eur).is_err());
+        assert!(Money::price(-5, eur).is_err());
+        assert_eq!(Money::price(1, eur).unwrap().amount_minor(), 1);
     }
 }

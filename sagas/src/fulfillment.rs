@@ -995,6 +995,32 @@ impl Fulfillment {
         });
     }
 
+    /// Reports that an aggregate refused the command behind `action` in a way the process does
+    /// not foresee (a catalog entry that no payment can be made for, a hand-edited log).
+    ///
+    /// While the order is still on its way to confirmation, such a refusal rejects it: the
+    /// compensations release whatever was reserved, so the order ends on its own and holds no
+    /// stock. A refused reservation rejects it `out_of_stock` (the units cannot be had), a
+    /// refused payment request `payment_failed` (no payment can be made). Any other refusal
+    /// concerns money already at the provider or an order that moved on, where going on could
+    /// make things worse: the saga is parked for an operator ([`Fulfillment::halt`]).
+    pub fn refused(&mut self, action: &Action, why: impl Into<String>, now: DateTime<Utc>) {
+        let why = why.into();
+        let reason = match action {
+            Action::Reserve { .. } => Some(RejectionReason::OutOfStock),
+            Action::RequestPayment { .. } => Some(RejectionReason::PaymentFailed),
+            _ => None,
+        };
+        match reason {
+            Some(reason) if self.goal == Goal::Confirm && !self.order_settled => {
+                self.note(now, format!("refused: {why}"));
+                self.last_error = Some(why);
+                self.turn_to(Goal::Reject(reason), now);
+            }
+            _ => self.halt(why, now),
+        }
+    }
+
     /// Parks the saga for an operator: an aggregate refused one of its commands in a way the
     /// process does not foresee (a bug or a hand-edited log), and going on could make it worse.
     pub fn halt(&mut self, why: impl Into<String>, now: DateTime<Utc>) {

@@ -78,8 +78,8 @@ impl Default for SagaConfig {
 enum Performed {
     /// An aggregate command ran; report its outcome to the saga.
     Outcome(Outcome),
-    /// An aggregate refused in a way the saga does not foresee; park it.
-    Halt(String),
+    /// An aggregate refused in a way the saga does not foresee ([`Fulfillment::refused`]).
+    Refused(String),
     /// The saga waits (for a gateway call or an order event).
     Stop,
 }
@@ -99,10 +99,13 @@ async fn drive(
         let action = saga.next(now);
         match perform(work, conn, saga, &action).await? {
             Performed::Outcome(outcome) => saga.record(&action, outcome, timing, now),
-            Performed::Halt(why) => {
-                tracing::error!(order_id = %saga.order_id(), why, "saga parked");
-                saga.halt(why, now);
-                return Ok(());
+            Performed::Refused(why) => {
+                tracing::warn!(order_id = %saga.order_id(), why, "unforeseen refusal");
+                saga.refused(&action, why, now);
+                if saga.is_stuck() {
+                    tracing::error!(order_id = %saga.order_id(), "saga parked");
+                    return Ok(());
+                }
             }
             Performed::Stop => return Ok(()),
         }
@@ -137,7 +140,7 @@ async fn perform(
     };
     Ok(match verdict {
         Ok(outcome) => Performed::Outcome(outcome),
-        Err(why) => Performed::Halt(format!("{step}: {why}")),
+        Err(why) => Performed::Refused(format!("{step}: {why}")),
     })
 }
 

@@ -529,6 +529,51 @@ fn an_aggregate_refusal_nobody_foresaw_parks_the_saga_with_its_reason() {
 }
 
 #[test]
+fn a_payment_request_the_payment_refuses_rejects_the_order_and_releases_its_stock() {
+    // A zero-priced catalog entry: the payment aggregate refuses a zero amount.
+    let mut t = placed(&[("A", 1), ("B", 2)]);
+    t.done(reserve("A", 1)).done(reserve("B", 2));
+    let request = t.saga.next(t.now);
+    assert!(matches!(request, Action::RequestPayment { .. }));
+    t.saga
+        .refused(&request, "request-payment: amount must not be zero", t.now);
+    t.is(SagaState::Compensating)
+        .done(release("B"))
+        .done(release("A"))
+        .done(Action::RejectOrder {
+            reason: RejectionReason::PaymentFailed,
+        })
+        .waits()
+        .is(SagaState::Completed);
+}
+
+#[test]
+fn a_reservation_refused_for_an_unforeseen_reason_rejects_out_of_stock() {
+    let mut t = placed(&[("A", 1), ("B", 2)]);
+    t.done(reserve("A", 1));
+    let second = t.saga.next(t.now);
+    t.saga.refused(&second, "reserve/B: stock overflow", t.now);
+    t.done(release("A"))
+        .done(Action::RejectOrder {
+            reason: RejectionReason::OutOfStock,
+        })
+        .waits()
+        .is(SagaState::Completed);
+}
+
+#[test]
+fn an_unforeseen_refusal_while_compensating_parks_the_saga() {
+    let mut t = placed(&[("A", 1), ("B", 2)]);
+    t.done(reserve("A", 1)).done(reserve("B", 2));
+    t.saga.on_cancelled(t.now);
+    let release_b = t.saga.next(t.now);
+    assert_eq!(release_b, release("B"));
+    t.saga
+        .refused(&release_b, "release/B: not registered", t.now);
+    t.is(SagaState::Stuck).waits();
+}
+
+#[test]
 fn the_state_survives_a_round_trip_through_json_mid_flight() {
     let mut t = placed(&[("A", 1), ("B", 2)]);
     t.reserved_and_requested()

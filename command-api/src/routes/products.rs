@@ -27,13 +27,14 @@ pub struct MoneyBody {
 }
 
 impl MoneyBody {
-    /// Parses into [`Money`], recording errors under `field`.
-    pub(crate) fn parse(&self, field: &str, fields: &mut Fields) -> Option<Money> {
+    /// Parses into a price ([`Money::price`]: at least one minor unit), recording errors
+    /// under `field`.
+    pub(crate) fn parse_price(&self, field: &str, fields: &mut Fields) -> Option<Money> {
         let currency =
             fields.check(format!("{field}.currency"), Currency::parse(&self.currency))?;
         fields.check(
             format!("{field}.amount_minor"),
-            Money::new(self.amount_minor, currency),
+            Money::price(self.amount_minor, currency),
         )
     }
 }
@@ -61,7 +62,7 @@ impl RegisterProductBody {
         let mut f = Fields::default();
         let sku = f.check("sku", Sku::parse(&self.sku));
         let name = f.check("name", ProductName::parse(&self.name));
-        let price = self.price.parse("price", &mut f);
+        let price = self.price.parse_price("price", &mut f);
         let low_stock_threshold =
             f.check("low_stock_threshold", stock_level(self.low_stock_threshold));
         let initial_stock = f.check("initial_stock", stock_level(self.initial_stock));
