@@ -17,6 +17,11 @@
 //!   Consumers dedupe by `ce_id`.
 //! - A broker that is down never blocks commands: the relay's page fails as [`Transient`], the
 //!   runner backs off and retries, and its lag shows in `GET /api/v1/admin/projections`.
+//! - An outage longer than the message timeout leaves librdkafka's idempotent producer unable
+//!   to go on: its timed-out messages make it reset its producer id, and a broker may answer
+//!   that with a fencing error, which librdkafka treats as fatal for that producer instance.
+//!   After a page fails, a producer with a fatal error (or one the broker fenced) is replaced
+//!   by a new one, so the relay catches up when the broker is back, with no restart.
 
 use std::time::Duration;
 
@@ -25,6 +30,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::Producer;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -93,7 +99,8 @@ pub struct RelayError(#[from] KafkaError);
 /// The relay: a log consumer that publishes (see the module doc).
 pub struct KafkaRelay {
     config: RelayConfig,
-    producer: FutureProducer,
+    /// The producer in use; replaced when it can no longer deliver ([`KafkaRelay::renew`]).
+    producer: std::sync::Mutex<FutureProducer>,
     /// Whether the topics are known to exist; checked again after a failure.
     topics_ready: Mutex<bool>,
 }
@@ -104,7 +111,15 @@ impl KafkaRelay {
     /// # Errors
     /// [`RelayError`] when the producer configuration is refused.
     pub fn new(config: RelayConfig) -> Result<Self, RelayError> {
-        let producer: FutureProducer = config
+        Ok(Self {
+            producer: std::sync::Mutex::new(Self::producer_for(&config)?),
+            config,
+            topics_ready: Mutex::new(false),
+        })
+    }
+
+    fn producer_for(config: &RelayConfig) -> Result<FutureProducer, KafkaError> {
+        config
             .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -114,12 +129,80 @@ impl KafkaRelay {
                 "message.timeout.ms",
                 config.message_timeout.as_millis().to_string(),
             )
-            .create()?;
-        Ok(Self {
-            config,
-            producer,
-            topics_ready: Mutex::new(false),
-        })
+            .create()
+    }
+
+    /// The producer in use (a cheap handle on it).
+    fn current(&self) -> FutureProducer {
+        self.producer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a failed page: replaces `used` with a new producer if it cannot deliver again,
+    /// because librdkafka raised a fatal error on it or the broker fenced it. A transient
+    /// failure (broker down) keeps the producer, which reconnects by itself.
+    fn renew(&self, used: &FutureProducer, failure: Option<RDKafkaErrorCode>) {
+        let fatal = used.client().fatal_error();
+        let fenced = matches!(
+            failure,
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if fatal.is_none() && !fenced {
+            return;
+        }
+        match Self::producer_for(&self.config) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    ?fatal,
+                    ?failure,
+                    "the Kafka producer cannot go on; replaced it"
+                );
+                *self
+                    .producer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot replace the Kafka producer"),
+        }
+    }
+
+    /// Publishes `events` with `producer` and waits for every acknowledgement.
+    async fn publish(&self, producer: &FutureProducer, events: &[LogEvent]) -> Result<(), Failure> {
+        let topics: Vec<String> = events
+            .iter()
+            .map(|e| self.config.topic(&e.aggregate_type))
+            .collect();
+        let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
+        for (event, topic) in events.iter().zip(&topics) {
+            let mut record = FutureRecord::to(topic)
+                .key(event.aggregate_id.as_str())
+                .payload(event.payload.get())
+                .headers(headers(event));
+            // Enqueue in log order; a full local queue waits for what is in flight, so the
+            // order within each partition is the log's.
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        await_all(std::mem::take(&mut pending)).await?;
+                    }
+                    Err((e, _)) => return Err(Failure::from_kafka("publishing", &e)),
+                }
+            }
+        }
+        await_all(pending).await
     }
 
     /// Creates the relay's topics if they are missing.
@@ -225,43 +308,45 @@ impl Consumer for KafkaRelay {
 
     async fn deliver(&self, events: &[LogEvent]) -> Result<(), ConsumerError> {
         self.ensure_topics().await?;
-        let topics: Vec<String> = events
-            .iter()
-            .map(|e| self.config.topic(&e.aggregate_type))
-            .collect();
-        let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
-        for (event, topic) in events.iter().zip(&topics) {
-            let mut record = FutureRecord::to(topic)
-                .key(event.aggregate_id.as_str())
-                .payload(event.payload.get())
-                .headers(headers(event));
-            // Enqueue in log order; a full local queue waits for what is in flight, so the
-            // order within each partition is the log's.
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        await_all(std::mem::take(&mut pending)).await?;
-                    }
-                    Err((e, _)) => return Err(Box::new(Transient(format!("publishing: {e}")))),
-                }
+        let producer = self.current();
+        match self.publish(&producer, events).await {
+            Ok(()) => Ok(()),
+            Err(failure) => {
+                self.renew(&producer, failure.code);
+                Err(Box::new(Transient(failure.message)))
             }
         }
-        await_all(pending).await
+    }
+}
+
+/// Why a page could not be published: the text shown in the checkpoint and, where Kafka gave
+/// one, its error code (which tells whether the producer can go on).
+struct Failure {
+    message: String,
+    code: Option<RDKafkaErrorCode>,
+}
+
+impl Failure {
+    fn from_kafka(doing: &str, error: &KafkaError) -> Self {
+        Self {
+            message: format!("{doing}: {error}"),
+            code: error.rdkafka_error_code(),
+        }
     }
 }
 
 /// Waits until the broker acknowledged every message, or one failed.
-async fn await_all(pending: Vec<DeliveryFuture>) -> Result<(), ConsumerError> {
+async fn await_all(pending: Vec<DeliveryFuture>) -> Result<(), Failure> {
     for delivery in futures::future::join_all(pending).await {
         match delivery {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(Box::new(Transient(format!("delivery: {e}")))),
-            Err(_) => return Err(Box::new(Transient("the producer went away".into()))),
+            Ok(Err((e, _))) => return Err(Failure::from_kafka("delivery", &e)),
+            Err(_) => {
+                return Err(Failure {
+                    message: "the producer went away".into(),
+                    code: None,
+                })
+            }
         }
     }
     Ok(())

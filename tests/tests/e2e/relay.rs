@@ -15,6 +15,7 @@ use orderline_tests::TestApp;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use uuid::Uuid;
@@ -54,8 +55,9 @@ fn runner() -> RunnerConfig {
     }
 }
 
-/// Reads every topic from the start until `count` messages arrived, or nothing more came for
-/// 3 s after the first, or 30 s passed.
+/// Reads every topic from the start until `count` distinct events (by `ce_id`) arrived, or
+/// nothing more came for 3 s after the first, or 30 s passed. Duplicates (a page published
+/// again) do not count towards `count`, or the reading would stop before the last events.
 fn read_all(brokers: &str, count: usize) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -71,9 +73,10 @@ fn read_all(brokers: &str, count: usize) -> Vec<Received> {
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).unwrap();
     let mut received = Vec::new();
+    let mut distinct = HashSet::new();
     let started = Instant::now();
     let mut last = Instant::now();
-    while received.len() < count && started.elapsed() < Duration::from_secs(30) {
+    while distinct.len() < count && started.elapsed() < Duration::from_secs(30) {
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             if !received.is_empty() && last.elapsed() > Duration::from_secs(3) {
                 break;
@@ -82,7 +85,7 @@ fn read_all(brokers: &str, count: usize) -> Vec<Received> {
         };
         last = Instant::now();
         let message = message.unwrap();
-        let headers = message
+        let headers: HashMap<String, String> = message
             .headers()
             .map(|h| {
                 h.iter()
@@ -93,6 +96,9 @@ fn read_all(brokers: &str, count: usize) -> Vec<Received> {
                     .collect()
             })
             .unwrap_or_default();
+        if let Some(id) = headers.get("ce_id") {
+            distinct.insert(id.clone());
+        }
         received.push(Received {
             topic: message.topic().to_owned(),
             key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
@@ -246,6 +252,42 @@ async fn a_broker_outage_blocks_no_command_and_loses_no_event() {
             .unwrap();
     assert_eq!(state, "running", "an outage must not park the relay");
     mock.broker_up(1).unwrap();
+    relay_checkpoint_reaches_the_head(&app).await;
+    relays.shutdown().await;
+    let log = log_events(&app).await;
+    let count = log.len();
+    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
+        .await
+        .unwrap();
+    assert_published(&received, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_longer_than_the_message_timeout_heals_without_a_restart() {
+    let app = TestApp::spawn().await;
+    let mock = mock_cluster();
+    let brokers = mock.bootstrap_servers();
+    let relay = KafkaRelay::new(RelayConfig {
+        message_timeout: Duration::from_millis(500),
+        ..relay_config(&brokers)
+    })
+    .unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &runner());
+    some_business(&app, 2).await;
+    relay_checkpoint_reaches_the_head(&app).await;
+    // The broker answers slower than the message timeout, so messages in flight time out; when
+    // it answers again it refuses the producer's sequence, an error librdkafka's idempotent
+    // producer cannot recover from (a fatal error on that producer instance), as brokers answer
+    // a producer whose session was lost in a long outage.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 3],
+    );
+    mock.broker_round_trip_time(1, Duration::from_secs(3))
+        .unwrap();
+    some_business(&app, 4).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
     relay_checkpoint_reaches_the_head(&app).await;
     relays.shutdown().await;
     let log = log_events(&app).await;
