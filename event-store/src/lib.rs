@@ -602,12 +602,14 @@ fn conflict_or_database(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// Opens a pool to `url`.
+/// Opens a pool to `url`. Its sessions run with `jit = off`: every statement orderline sends is
+/// short and index-bound, and compiling one with LLVM (which a large table's cost estimate
+/// triggers) costs more than running it.
 ///
 /// # Errors
 /// [`StoreError::Database`] if the URL is invalid or the server cannot be reached.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    let options: PgConnectOptions = url.parse()?;
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.options([("jit", "off")]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))

@@ -225,17 +225,28 @@ pub async fn read_page(
 /// Whether any event, readable yet or not, lies after `cursor`. When [`read_page`] comes back
 /// empty this tells "nothing new" from "held back by an open transaction".
 ///
+/// Every caught-up consumer asks this on every poll, so it must cost the same on a log of a
+/// million events as on an empty one: the scalar subquery's `ORDER BY ... LIMIT 1` makes
+/// Postgres walk the `events_global_order` index from the cursor. An `EXISTS` (which drops
+/// `ORDER BY` and `LIMIT`) lets the generic plan of the prepared statement be a sequential
+/// scan (it expects a third of the rows to match and to stop at the first), which reads the
+/// whole table whenever nothing matches, i.e. always, once caught up.
+///
 /// # Errors
 /// The database error, if any.
 pub async fn has_events_after(conn: &mut PgConnection, cursor: Cursor) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
-    )
-    .bind(cursor.transaction_id.to_string())
-    .bind(cursor.position)
-    .fetch_one(conn)
-    .await
+    sqlx::query_scalar(HAS_EVENTS_AFTER_SQL)
+        .bind(cursor.transaction_id.to_string())
+        .bind(cursor.position)
+        .fetch_one(conn)
+        .await
 }
+
+/// The statement behind [`has_events_after`] (`$1` the cursor's transaction id as text, `$2` its
+/// position), public so that tests can check its plan on a large log.
+pub const HAS_EVENTS_AFTER_SQL: &str = "SELECT (
+    SELECT true FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)
+     ORDER BY transaction_id, position LIMIT 1) IS NOT NULL";
 
 /// The highest position allocated so far (0 for an empty log): the head that lag is measured
 /// against.

@@ -1,6 +1,7 @@
 //! Admin routes over the log and the consumers (admin role only).
 
-use axum::extract::{Path, Query, State};
+use api_common::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -105,24 +106,39 @@ pub async fn projections(
     Ok(Json(ConsumersPage { items }))
 }
 
-/// Every log consumer's progress, by name.
+/// Lag up to this many events is counted exactly; beyond it, it is estimated from positions.
+pub const EXACT_LAG_LIMIT: i64 = 10_000;
+
+/// Every consumer's progress. Each subquery walks the `events_global_order` index from the
+/// checkpoint and stops after [`EXACT_LAG_LIMIT`] events, so the cost is bounded whatever the
+/// log's size: a consumer further behind reports `max(position) - its position` (positions
+/// can have gaps, so that is an upper bound).
+pub const CONSUMERS_SQL: &str = "SELECT c.consumer AS name, c.position, c.state,
+        c.events_applied, c.last_error, c.last_error_at, c.parked_position, c.rebuild_position,
+        CASE WHEN behind.n > $1
+             THEN greatest((SELECT max(position) FROM events) - c.position, behind.n)
+             ELSE behind.n END AS lag,
+        coalesce(extract(epoch FROM now() - (
+            SELECT e.recorded_at FROM events e
+             WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
+             ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0) AS lag_seconds
+   FROM checkpoints c
+   CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM (
+            SELECT 1 FROM events e
+             WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
+             ORDER BY e.transaction_id, e.position LIMIT $1 + 1) AS page) AS behind
+  ORDER BY c.consumer";
+
+/// Every log consumer's progress, by name (see [`CONSUMERS_SQL`] for how lag is bounded).
 ///
 /// # Errors
 /// The database error, if any.
 pub async fn consumers(pool: &sqlx::PgPool) -> sqlx::Result<Vec<ConsumerView>> {
-    sqlx::query_as(
-        "SELECT c.consumer AS name, c.position, c.state, c.events_applied, c.last_error,
-                c.last_error_at, c.parked_position, c.rebuild_position,
-                (SELECT count(*) FROM events e
-                  WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)) AS lag,
-                coalesce(extract(epoch FROM now() - (
-                    SELECT e.recorded_at FROM events e
-                     WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
-                     ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0) AS lag_seconds
-           FROM checkpoints c ORDER BY c.consumer",
-    )
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(CONSUMERS_SQL)
+        .bind(EXACT_LAG_LIMIT)
+        .fetch_all(pool)
+        .await
 }
 
 /// `POST /api/v1/admin/projections/{name}/rebuild`: 202 and the rebuild runs in the background;

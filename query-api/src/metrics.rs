@@ -10,6 +10,17 @@ use api_common::error::ApiError;
 use crate::admin;
 use crate::QueryState;
 
+/// Sagas by state, for every state but `completed`: live work only, so the count walks the
+/// `sagas_state` index over the sagas still in flight, never the whole history. (Finished work
+/// is what the log and `orderline_consumer_events_applied_total` already count.)
+pub const SAGAS_SQL: &str = "SELECT state, count(*) FROM sagas
+  WHERE state IN ('running', 'compensating', 'confirmed', 'settling', 'stuck')
+  GROUP BY state ORDER BY state";
+
+/// Notifications waiting or parked (the `sent` ones are history), by the partial indexes.
+pub const NOTIFICATIONS_SQL: &str = "SELECT state, count(*) FROM notifications
+  WHERE state IN ('pending', 'parked') GROUP BY state ORDER BY state";
+
 /// The metrics: the log's head, each consumer's position, lag (events, seconds), events applied
 /// and parked state (projections, the saga, the Kafka relay), sagas and notifications by state.
 ///
@@ -20,14 +31,10 @@ pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoRespons
         .fetch_one(&state.pool)
         .await?;
     let consumers = admin::consumers(&state.pool).await?;
-    let sagas: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM sagas GROUP BY state ORDER BY state")
-            .fetch_all(&state.pool)
-            .await?;
-    let notifications: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM notifications GROUP BY state ORDER BY state")
-            .fetch_all(&state.pool)
-            .await?;
+    let sagas: Vec<(String, i64)> = sqlx::query_as(SAGAS_SQL).fetch_all(&state.pool).await?;
+    let notifications: Vec<(String, i64)> = sqlx::query_as(NOTIFICATIONS_SQL)
+        .fetch_all(&state.pool)
+        .await?;
 
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
@@ -81,7 +88,7 @@ pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoRespons
     family(
         "orderline_sagas",
         "gauge",
-        "Fulfillment sagas by state.",
+        "Fulfillment sagas in flight, by state (completed ones are not counted).",
         sagas
             .into_iter()
             .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.to_string()))
@@ -90,7 +97,7 @@ pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoRespons
     family(
         "orderline_notifications",
         "gauge",
-        "Notifications by state.",
+        "Notifications pending or parked, by state (sent ones are not counted).",
         notifications
             .into_iter()
             .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.to_string()))
