@@ -1,6 +1,9 @@
-//! Bearer-token authentication: HS256 JWTs with `sub`, `role`, `exp`, `iss = aud = "orderline"`.
-//! The algorithm is pinned; tokens signed any other way are refused. `orderline token` and the
-//! tests mint tokens with [`TokenKeys::mint`], the same code the server verifies against.
+//! Bearer-token authentication: HS256 JWTs with `sub`, `role`, `exp`, `iss = "orderline"` and
+//! an `aud` that is `"orderline"` or an array holding it (RFC 7519 §4.1.3); `iat` is optional
+//! and `nbf`, when present, is honoured. The algorithm is pinned; tokens signed any other way
+//! are refused. The scheme is matched case-insensitively (RFC 9110 §11.1). `orderline token`
+//! and the tests mint tokens with [`TokenKeys::mint`], the same code the server verifies
+//! against.
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,6 +14,8 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use aggregates::values::CustomerId;
 
 use crate::error::ApiError;
 
@@ -60,7 +65,8 @@ impl std::str::FromStr for Role {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// What [`TokenKeys::mint`] writes.
+#[derive(Debug, Serialize)]
 struct Claims {
     sub: String,
     role: Role,
@@ -68,6 +74,14 @@ struct Claims {
     iat: u64,
     iss: String,
     aud: String,
+}
+
+/// What [`TokenKeys::verify`] reads once the signature and the registered claims (`exp`,
+/// `nbf`, `iss`, `aud`) were checked by the validation; every other claim is ignored.
+#[derive(Debug, Deserialize)]
+struct VerifiedClaims {
+    sub: String,
+    role: Role,
 }
 
 /// The verified caller of a request.
@@ -79,11 +93,20 @@ pub struct Actor {
     pub role: Role,
 }
 
+impl Actor {
+    /// The principal: role and subject together, as `role:sub`. Whatever a caller owns
+    /// (idempotency keys, their stored answers) is scoped by it, so an admin and a customer who
+    /// happen to share a `sub` never share anything.
+    pub fn principal(&self) -> String {
+        format!("{}:{}", self.role, self.sub)
+    }
+}
+
 /// Why a token could not be minted.
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
-    /// `sub` is empty or over 255 characters.
-    #[error("sub must be 1-255 characters")]
+    /// `sub` is empty, over 255 characters, has control characters or surrounding blanks.
+    #[error("sub must be 1-255 characters, with no control characters or surrounding blanks")]
     InvalidSub,
     /// Signing failed (a bug in the key setup).
     #[error("signing failed: {0}")]
@@ -107,6 +130,7 @@ impl TokenKeys {
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.validate_nbf = true;
         validation.leeway = 30;
         Self(Arc::new(Keys {
             encoding: EncodingKey::from_secret(secret),
@@ -118,9 +142,9 @@ impl TokenKeys {
     /// A token for `sub` with `role`, valid for `ttl` from now.
     ///
     /// # Errors
-    /// [`MintError::InvalidSub`] for an empty or over-long `sub`.
+    /// [`MintError::InvalidSub`] for a `sub` that [`TokenKeys::verify`] would refuse.
     pub fn mint(&self, sub: &str, role: Role, ttl: Duration) -> Result<String, MintError> {
-        if sub.is_empty() || sub.chars().count() > 255 {
+        if CustomerId::parse(sub).is_err() {
             return Err(MintError::InvalidSub);
         }
         let now = SystemTime::now()
@@ -145,15 +169,17 @@ impl TokenKeys {
     /// Verifies a token and returns its holder.
     ///
     /// # Errors
-    /// [`ApiError::Unauthorized`] for a token that is malformed, expired, signed with another
-    /// key or algorithm, or for another issuer or audience.
+    /// [`ApiError::Unauthorized`] for a token that is malformed, expired, not yet valid
+    /// (`nbf`), signed with another key or algorithm, for another issuer or audience, or whose
+    /// `sub` is not a subject orderline can tell apart from others (see
+    /// [`aggregates::values::CustomerId`]: no control characters, no surrounding blanks).
     pub fn verify(&self, token: &str) -> Result<Actor, ApiError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.0.decoding, &self.0.validation)
-            .map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))?;
-        let Claims { sub, role, .. } = data.claims;
-        if sub.is_empty() || sub.chars().count() > 255 {
-            return Err(ApiError::Unauthorized("invalid token: bad sub".into()));
-        }
+        let data =
+            jsonwebtoken::decode::<VerifiedClaims>(token, &self.0.decoding, &self.0.validation)
+                .map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))?;
+        let VerifiedClaims { sub, role } = data.claims;
+        CustomerId::parse(&sub)
+            .map_err(|e| ApiError::Unauthorized(format!("invalid token: sub {e}")))?;
         Ok(Actor { sub, role })
     }
 }
@@ -170,13 +196,20 @@ where
             .headers
             .get(AUTHORIZATION)
             .ok_or_else(|| ApiError::Unauthorized("a bearer token is required".into()))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::Unauthorized("use Authorization: Bearer <token>".into()))?;
-        TokenKeys::from_ref(state).verify(token.trim())
+        let token =
+            header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+                ApiError::Unauthorized("use Authorization: Bearer <token>".into())
+            })?;
+        TokenKeys::from_ref(state).verify(token)
     }
+}
+
+/// The token of an `Authorization` value with the `Bearer` scheme in any case, separated from
+/// it by blanks (RFC 9110 §11.1 and §11.4).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Declares an extractor that authenticates and checks the role before the body is read, so a
@@ -280,5 +313,73 @@ mod tests {
         )
         .unwrap();
         assert!(keys.verify(&hs512).is_err());
+    }
+
+    fn signed(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap()
+    }
+
+    fn far() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600
+    }
+
+    #[test]
+    fn iat_is_optional_and_aud_may_be_an_array_holding_orderline() {
+        let keys = TokenKeys::hs256(b"s");
+        let base = serde_json::json!({
+            "sub": "a", "role": "customer", "exp": far(), "iss": ISSUER, "aud": ISSUER
+        });
+        assert!(keys.verify(&signed(&base)).is_ok(), "no iat");
+        let mut listed = base;
+        listed["aud"] = serde_json::json!(["shop", ISSUER]);
+        assert!(keys.verify(&signed(&listed)).is_ok(), "aud array");
+        listed["aud"] = serde_json::json!(["shop"]);
+        assert!(
+            keys.verify(&signed(&listed)).is_err(),
+            "aud array without us"
+        );
+    }
+
+    #[test]
+    fn a_token_not_yet_valid_is_refused() {
+        let keys = TokenKeys::hs256(b"s");
+        let claims = serde_json::json!({
+            "sub": "a", "role": "customer", "exp": far() + 7200, "nbf": far(),
+            "iss": ISSUER, "aud": ISSUER
+        });
+        assert!(keys.verify(&signed(&claims)).is_err());
+    }
+
+    #[test]
+    fn subjects_with_blanks_around_or_control_characters_are_refused() {
+        let keys = TokenKeys::hs256(b"s");
+        for sub in ["alice ", " alice", "al\u{0}ice", "a\nb", ""] {
+            let claims = serde_json::json!({
+                "sub": sub, "role": "customer", "exp": far(), "iss": ISSUER, "aud": ISSUER
+            });
+            assert!(keys.verify(&signed(&claims)).is_err(), "{sub:?}");
+            assert!(keys
+                .mint(sub, Role::Customer, Duration::from_secs(9))
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
     }
 }

@@ -5,7 +5,7 @@ use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -13,38 +13,83 @@ use crate::error::ApiError;
 /// Ids that tie a request to its events and log lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestIds {
-    /// `X-Request-Id` as sent (if printable and at most 200 bytes), else a new UUID.
+    /// `X-Request-Id` as sent (see [`RequestIds::from_headers`] for what is accepted), else a
+    /// new UUID. Stored as sent in the metadata of the events the request writes.
     pub request_id: String,
-    /// `X-Correlation-Id` as sent (if a UUID), else a new UUID.
+    /// `X-Correlation-Id` as sent (a UUID), else a new UUID.
     pub correlation_id: Uuid,
 }
+
+/// Longest `X-Request-Id` accepted.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The prefix of the ids the saga gives its own commands (`saga:{order}/{step}`); no client id
+/// may start with it, so the audit trail never shows a client's command as the saga's.
+pub const RESERVED_PREFIX: &str = "saga:";
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 
 impl RequestIds {
-    fn from_headers(headers: &HeaderMap) -> Self {
-        let request_id = headers
-            .get(&REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned);
-        let correlation_id = headers
-            .get(&CORRELATION_ID)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Uuid::parse_str(v).ok())
-            .unwrap_or_else(Uuid::new_v4);
-        Self {
+    /// The ids a request sent, or new ones where it sent none.
+    ///
+    /// # Errors
+    /// A 400 naming the header when `X-Request-Id` is not 1-128 characters of ASCII letters,
+    /// digits and `-_.:/+=@`, or starts with [`RESERVED_PREFIX`] (in any case), or when
+    /// `X-Correlation-Id` is not a UUID.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let request_id = match headers.get(&REQUEST_ID) {
+            None => Uuid::new_v4().to_string(),
+            Some(value) => {
+                let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b);
+                let bytes = value.as_bytes();
+                if bytes.is_empty()
+                    || bytes.len() > MAX_REQUEST_ID_LEN
+                    || !bytes.iter().copied().all(allowed)
+                {
+                    return Err(ApiError::field(
+                        "X-Request-Id",
+                        format!(
+                            "must be 1-{MAX_REQUEST_ID_LEN} characters of A-Z, a-z, 0-9 and -_.:/+=@"
+                        ),
+                    ));
+                }
+                let id = String::from_utf8_lossy(bytes).into_owned();
+                if id
+                    .get(..RESERVED_PREFIX.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+                {
+                    return Err(ApiError::field(
+                        "X-Request-Id",
+                        format!("must not start with {RESERVED_PREFIX:?}, which orderline keeps for its own commands"),
+                    ));
+                }
+                id
+            }
+        };
+        let correlation_id = match headers.get(&CORRELATION_ID) {
+            None => Uuid::new_v4(),
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|v| Uuid::parse_str(v).ok())
+                .ok_or_else(|| ApiError::field("X-Correlation-Id", "must be a UUID"))?,
+        };
+        Ok(Self {
             request_id,
             correlation_id,
-        }
+        })
     }
 }
 
 /// Middleware: gives every request its [`RequestIds`], echoes them in the response headers and
-/// logs the request once it is answered (server errors at `warn`).
+/// logs the request once it is answered (server errors at `warn`). A request whose ids are
+/// malformed is answered 400 before anything else runs.
 pub async fn assign_ids(mut req: Request, next: Next) -> Response {
-    let ids = RequestIds::from_headers(req.headers());
+    let ids = match RequestIds::from_headers(req.headers()) {
+        Ok(ids) => ids,
+        Err(refused) => return refused.into_response(),
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     req.extensions_mut().insert(ids.clone());
@@ -72,10 +117,50 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestIds {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         // Routers without the middleware (unit tests) still get ids.
-        Ok(parts
-            .extensions
-            .get::<RequestIds>()
-            .cloned()
-            .unwrap_or_else(|| RequestIds::from_headers(&parts.headers)))
+        match parts.extensions.get::<RequestIds>() {
+            Some(ids) => Ok(ids.clone()),
+            None => RequestIds::from_headers(&parts.headers),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(name: &'static str, value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn ids_are_kept_as_sent_when_well_formed() {
+        let ids = RequestIds::from_headers(&with("x-request-id", "checkout/42:a=b")).unwrap();
+        assert_eq!(ids.request_id, "checkout/42:a=b");
+        assert!(RequestIds::from_headers(&HeaderMap::new()).is_ok());
+    }
+
+    #[test]
+    fn malformed_or_impersonating_ids_are_refused() {
+        for bad in [
+            "saga:123/confirm",
+            "SAGA:x",
+            "a b",
+            "",
+            &"x".repeat(129),
+            "tab\tin",
+        ] {
+            let headers = HeaderMap::from_iter(
+                HeaderValue::from_str(bad)
+                    .ok()
+                    .map(|v| (REQUEST_ID.clone(), v)),
+            );
+            if headers.is_empty() {
+                continue;
+            }
+            assert!(RequestIds::from_headers(&headers).is_err(), "{bad:?}");
+        }
+        assert!(RequestIds::from_headers(&with("x-correlation-id", "nope")).is_err());
     }
 }

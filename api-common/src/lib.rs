@@ -1,6 +1,8 @@
 //! What the command and query APIs share: bearer-token authentication ([`auth`]), the one
-//! problem+json error type ([`error`]) and request/correlation ids ([`ids`]).
+//! problem+json error type ([`error`]), extractors for path and query parameters that answer
+//! under that policy ([`extract`]) and request/correlation ids ([`ids`]).
 
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod ids;

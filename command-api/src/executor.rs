@@ -141,7 +141,9 @@ where
     R: Fn(&A, i64) -> Answer,
 {
     let store = &state.store;
-    let caller = &envelope.actor.sub;
+    // Keys belong to the principal, not the bare subject: a replay only ever goes back to the
+    // role and subject whose request stored it, who were allowed to see it then.
+    let caller = &envelope.actor.principal();
     if let Some(key) = envelope.idempotency_key {
         // Cheap look-up first: a replay needs no load and no lock.
         let mut conn = store.pool().acquire().await?;

@@ -45,7 +45,8 @@ pub async fn try_lock(conn: &mut PgConnection, caller: &str, key: &str) -> sqlx:
     .await
 }
 
-/// The stored answer for `(caller, key)`, if any.
+/// The stored answer for `(caller, key)`, if any. `caller` is the principal, `role:sub`; a
+/// record from before keys were scoped by role (stored as `?:sub`) still answers its subject.
 ///
 /// # Errors
 /// The database error, if any.
@@ -54,12 +55,18 @@ pub async fn find(
     caller: &str,
     key: &str,
 ) -> sqlx::Result<Option<StoredAnswer>> {
+    let legacy = caller
+        .split_once(':')
+        .map(|(_, sub)| format!("?:{sub}"))
+        .unwrap_or_default();
     let row: Option<(Vec<u8>, i16, Option<String>, Value)> = sqlx::query_as(
         "SELECT request_hash, status_code, location, response
-           FROM idempotency_keys WHERE caller = $1 AND key = $2",
+           FROM idempotency_keys WHERE caller IN ($1, $3) AND key = $2
+          ORDER BY caller = $1 DESC LIMIT 1",
     )
     .bind(caller)
     .bind(key)
+    .bind(legacy)
     .fetch_optional(conn)
     .await?;
     Ok(

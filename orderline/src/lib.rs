@@ -34,6 +34,79 @@ use sagas::gateway::simulated::SimulatedGateway;
 use sagas::gateway::PaymentGateway;
 use sagas::runtime::{FulfillmentConsumer, GatewayWorker, SagaConfig};
 
+/// Headers every answer carries unless its handler set them: answers hold a caller's own data
+/// and must not be kept by shared caches or the browser (`no-store`), nor sniffed into
+/// another content type.
+fn protective_headers(router: Router) -> Router {
+    use axum::http::{header, HeaderValue};
+    use tower_http::set_header::SetResponseHeaderLayer;
+    router
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+}
+
+/// Checks one allowed CORS origin: `scheme://host[:port]` with no path, as browsers send it in
+/// `Origin`.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn cors_origin(origin: &str) -> Result<axum::http::HeaderValue, String> {
+    let uri: axum::http::Uri = origin
+        .parse()
+        .map_err(|_| format!("{origin:?} is not an origin such as https://shop.example"))?;
+    let bare = uri.scheme().is_some()
+        && uri.authority().is_some()
+        && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+        && !origin.ends_with('/');
+    if !bare {
+        return Err(format!(
+            "{origin:?} is not an origin such as https://shop.example (scheme and host, no path)"
+        ));
+    }
+    axum::http::HeaderValue::from_str(origin).map_err(|e| e.to_string())
+}
+
+/// The CORS policy for browser front-ends on `origins`: their preflights are answered, they may
+/// send the token, the idempotency key and the request ids, and read the position, request-id,
+/// rate-limit and `Location`/`Retry-After` headers. Credentials (cookies) are not used by the
+/// API and are not allowed.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderName, Method};
+    let name = HeaderName::from_static;
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(
+            origins
+                .iter()
+                .filter_map(|o| cors_origin(o).ok())
+                .collect::<Vec<_>>(),
+        )
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            name("idempotency-key"),
+            name("x-request-id"),
+            name("x-correlation-id"),
+        ])
+        .expose_headers([
+            query_api::POSITION_HEADER.clone(),
+            name("x-request-id"),
+            name("x-correlation-id"),
+            name("x-ratelimit-limit"),
+            name("x-ratelimit-remaining"),
+            name("x-ratelimit-reset"),
+            header::LOCATION,
+            header::RETRY_AFTER,
+        ])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
 /// The whole HTTP API over one database.
 pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
     let commands = command_api::router(CommandState {
@@ -45,7 +118,7 @@ pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
         pool: pool.clone(),
         keys,
     });
-    Router::new()
+    let router = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .with_state(pool)
@@ -53,7 +126,8 @@ pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
         .merge(queries)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(axum::middleware::from_fn(ids::assign_ids))
+        .layer(axum::middleware::from_fn(ids::assign_ids));
+    protective_headers(router)
 }
 
 /// `GET /health/live`: the process is up.
@@ -167,6 +241,16 @@ impl Application {
     #[must_use]
     pub fn with_saga_config(mut self, config: SagaConfig) -> Self {
         self.saga = config;
+        self
+    }
+
+    /// Lets browser front-ends on `origins` call the API (see [`cors_origin`] for the form);
+    /// none: no cross-origin access, and a preflight is refused.
+    #[must_use]
+    pub fn with_cors_origins(mut self, origins: &[String]) -> Self {
+        if !origins.is_empty() {
+            self.router = self.router.layer(cors(origins));
+        }
         self
     }
 

@@ -468,7 +468,8 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.addr))?
         .with_gateway(gateway)
         .with_saga_config(saga)
-        .with_kafka(settings.kafka.clone());
+        .with_kafka(settings.kafka.clone())
+        .with_cors_origins(&settings.cors_origins);
     if let Ok(addr) = app.local_addr() {
         tracing::info!(%addr, "orderline is listening");
     }

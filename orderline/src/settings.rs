@@ -67,6 +67,9 @@ pub struct Settings {
     /// log), `ORDERLINE_NOTIFY_SMTP_PORT` (25), `ORDERLINE_NOTIFY_FROM`,
     /// `ORDERLINE_NOTIFY_CUSTOMER_DOMAIN` and `ORDERLINE_NOTIFY_OPERATORS`.
     pub smtp: Option<integrations::notifications::SmtpConfig>,
+    /// Browser origins allowed to call the API from another origin (`ORDERLINE_CORS_ORIGINS`,
+    /// comma-separated, each `scheme://host[:port]`); empty (unset): no cross-origin access.
+    pub cors_origins: Vec<String>,
 }
 
 /// The payment provider the fulfillment saga talks to.
@@ -228,6 +231,22 @@ impl Settings {
                     .unwrap_or_else(|| "operators@localhost".into()),
             }),
         };
+        let cors_origins = match get("ORDERLINE_CORS_ORIGINS") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(|origin| {
+                    crate::cors_origin(origin)
+                        .map(|_| origin.to_owned())
+                        .map_err(|problem| SettingsError {
+                            name: "ORDERLINE_CORS_ORIGINS",
+                            problem,
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
         Ok(Self {
             database,
             addr,
@@ -238,6 +257,7 @@ impl Settings {
             authorization_deadline,
             kafka,
             smtp,
+            cors_origins,
         })
     }
 }
@@ -272,6 +292,24 @@ mod tests {
         assert!(e.to_string().starts_with("ORDERLINE_JWT_SECRET"));
         let e = settings(&[("DATABASE_URL", "mysql://x")]).unwrap_err();
         assert!(e.to_string().starts_with("DATABASE_URL"));
+    }
+
+    #[test]
+    fn cors_origins_are_a_checked_list() {
+        assert!(settings(&[]).unwrap().cors_origins.is_empty());
+        let s = settings(&[(
+            "ORDERLINE_CORS_ORIGINS",
+            "https://shop.example, http://localhost:3000",
+        )])
+        .unwrap();
+        assert_eq!(
+            s.cors_origins,
+            ["https://shop.example", "http://localhost:3000"]
+        );
+        for bad in ["*", "shop.example", "https://shop.example/path"] {
+            let e = settings(&[("ORDERLINE_CORS_ORIGINS", bad)]).unwrap_err();
+            assert!(e.to_string().starts_with("ORDERLINE_CORS_ORIGINS"), "{bad}");
+        }
     }
 
     #[test]

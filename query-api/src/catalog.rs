@@ -1,7 +1,8 @@
 //! The catalog (`/products`, any role) and stock levels (`/inventory`, admin and service), both
 //! from the inventory read model.
 
-use axum::extract::{Path, Query, State};
+use api_common::extract::{Path, Query};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -30,6 +30,12 @@ use event_store::log::Cursor;
 /// Longest `min_position` wait before 503.
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 
+/// Most requests of this process that may wait for `min_position` at once; one more is
+/// answered 503 at once, so waiting clients cannot pile up connections and tasks.
+pub const MAX_WAITERS: usize = 256;
+
+static WAITERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_WAITERS);
+
 /// The header naming the position a read model has reached.
 pub static POSITION_HEADER: HeaderName = HeaderName::from_static("x-orderline-position");
 
@@ -82,8 +88,9 @@ pub fn router(state: QueryState) -> Router {
         .with_state(state)
 }
 
-/// `?min_position=N`, accepted by every query.
+/// `?min_position=N`, accepted by every query; no other parameter is.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Consistency {
     /// Wait until the read model has applied this position.
     pub min_position: Option<i64>,
@@ -109,9 +116,13 @@ impl<T: Serialize> IntoResponse for Read<T> {
 
 /// The cursor `projection` has reached, once it has applied `min_position` (if given).
 ///
+/// A position beyond the log's head names no event yet (positions come from committed
+/// commands), so it is answered 503 at once instead of after [`MAX_WAIT`].
+///
 /// # Errors
 /// 400 for a negative position; 503 (with `Retry-After`) when the read model has not applied it
-/// within [`MAX_WAIT`]; 500 on database failure.
+/// within [`MAX_WAIT`], when it is beyond the log's head, or when [`MAX_WAITERS`] requests
+/// already wait; 500 on database failure.
 pub async fn reached(
     pool: &PgPool,
     projection: &str,
@@ -122,12 +133,20 @@ pub async fn reached(
     }
     let deadline = tokio::time::Instant::now() + MAX_WAIT;
     let mut pause = Duration::from_millis(2);
+    let not_yet = || {
+        ApiError::Unavailable(format!(
+            "the {projection} read model has not reached position {} yet; retry",
+            consistency.min_position.unwrap_or_default()
+        ))
+    };
+    let mut waiting = None;
     loop {
-        let (transaction_id, position, applied): (i64, i64, bool) = sqlx::query_as(
+        let (transaction_id, position, applied, head): (i64, i64, bool, i64) = sqlx::query_as(
             "SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0),
                     $2::bigint IS NULL OR EXISTS (
                         SELECT 1 FROM events e WHERE e.position = $2
-                           AND (e.transaction_id, e.position) <= (c.transaction_id, c.position))
+                           AND (e.transaction_id, e.position) <= (c.transaction_id, c.position)),
+                    coalesce((SELECT max(position) FROM events), 0)
                FROM (SELECT 1) AS one LEFT JOIN checkpoints c ON c.consumer = $1",
         )
         .bind(projection)
@@ -140,11 +159,17 @@ pub async fn reached(
                 position,
             });
         }
-        if tokio::time::Instant::now() + pause > deadline {
+        if consistency.min_position.is_some_and(|p| p > head) {
             return Err(ApiError::Unavailable(format!(
-                "the {projection} read model has not reached position {} yet; retry",
+                "position {} is beyond the log's head ({head}); pass a position a command answered",
                 consistency.min_position.unwrap_or_default()
             )));
+        }
+        if waiting.is_none() {
+            waiting = Some(WAITERS.try_acquire().map_err(|_| not_yet())?);
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(not_yet());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));

@@ -1,7 +1,8 @@
 //! Admin routes over the notifications integrator's queue: what was sent, what waits, and what
 //! is parked after failing again and again.
 
-use axum::extract::{Path, Query, State};
+use api_common::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};

@@ -3,7 +3,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use api_common::extract::{OrderPath, Query};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -56,10 +57,6 @@ fn not_found() -> ApiError {
     ApiError::NotFound("order not found".into())
 }
 
-fn order_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| not_found())
-}
-
 /// The order, if it exists and `actor` may see it (owner or admin); else 404.
 async fn visible_order(pool: &PgPool, actor: &Actor, id: Uuid) -> Result<OrderRow, ApiError> {
     let row: Option<String> =
@@ -98,10 +95,10 @@ SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0),
 pub async fn one(
     State(state): State<QueryState>,
     CustomerOrAdmin(actor): CustomerOrAdmin,
-    Path(id): Path<String>,
+    OrderPath(id): OrderPath,
     Query(consistency): Query<Consistency>,
 ) -> Result<Read<OrderView>, ApiError> {
-    let id = order_id(&id)?;
+    let id = id.as_uuid();
     let (position, row) = match consistency.min_position {
         None => {
             let (_, position, row): (i64, i64, Option<String>) = sqlx::query_as(CURSOR_AND_ORDER)
@@ -249,9 +246,9 @@ pub struct OrderEvents {
 pub async fn events(
     State(state): State<QueryState>,
     CustomerOrAdmin(actor): CustomerOrAdmin,
-    Path(id): Path<String>,
+    OrderPath(id): OrderPath,
 ) -> Result<Read<OrderEvents>, ApiError> {
-    let id = order_id(&id)?.to_string();
+    let id = id.to_string();
     let sql = format!(
         "SELECT {LOG_EVENT_COLUMNS} FROM events
           WHERE events.aggregate_type IN ('order', 'payment') AND events.aggregate_id = $1
@@ -291,10 +288,10 @@ pub async fn events(
 pub async fn updates(
     State(state): State<QueryState>,
     CustomerOrAdmin(actor): CustomerOrAdmin,
-    Path(id): Path<String>,
+    OrderPath(id): OrderPath,
     Query(consistency): Query<Consistency>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let id = order_id(&id)?;
+    let id = id.as_uuid();
     reached(&state.pool, PROJECTION, &consistency).await?;
     visible_order(&state.pool, &actor, id).await?;
     let pool = state.pool.clone();

@@ -1,6 +1,7 @@
 //! `GET /api/v1/payments/{order_id}` (owner, admin).
 
-use axum::extract::{Path, Query, State};
+use api_common::extract::{OrderPath, Query};
+use axum::extract::State;
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -30,11 +31,11 @@ pub struct PaymentView {
 pub async fn one(
     State(state): State<QueryState>,
     CustomerOrAdmin(actor): CustomerOrAdmin,
-    Path(id): Path<String>,
+    OrderPath(id): OrderPath,
     Query(consistency): Query<Consistency>,
 ) -> Result<Read<PaymentView>, ApiError> {
     let not_found = || ApiError::NotFound("payment not found".into());
-    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let id = id.as_uuid();
     let cursor = reached(&state.pool, "payments", &consistency).await?;
     let row: Option<Value> =
         sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_payments t WHERE order_id = $1")

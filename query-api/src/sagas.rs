@@ -1,7 +1,8 @@
 //! Admin routes over the fulfillment sagas. They read the saga rows themselves, not a read
 //! model: what operators see is the state the saga runs on, with no lag.
 
-use axum::extract::{Path, Query, State};
+use api_common::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;

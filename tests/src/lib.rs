@@ -101,8 +101,19 @@ impl TestApp {
         Self::spawn_configured(parts, saga_config()).await
     }
 
+    /// As [`TestApp::spawn_with`], verifying tokens with the HS256 `secret` (for tests that
+    /// sign tokens themselves, as another issuer would).
+    pub async fn spawn_with_secret(parts: Parts, secret: &str) -> Self {
+        Self::spawn_keyed(parts, saga_config(), TokenKeys::hs256(secret.as_bytes())).await
+    }
+
     /// As [`TestApp::spawn_with`], with the fulfillment saga configured by `saga`.
     pub async fn spawn_configured(parts: Parts, saga: SagaConfig) -> Self {
+        let keys = TokenKeys::hs256(Uuid::new_v4().to_string().as_bytes());
+        Self::spawn_keyed(parts, saga, keys).await
+    }
+
+    async fn spawn_keyed(parts: Parts, saga: SagaConfig, keys: TokenKeys) -> Self {
         let parts = Parts { api: true, ..parts };
         let database = format!("orderline_test_{}", Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&server_url())
@@ -120,7 +131,6 @@ impl TestApp {
             .await
             .expect("connect to test database");
         event_store::MIGRATOR.run(&pool).await.expect("migrate");
-        let keys = TokenKeys::hs256(Uuid::new_v4().to_string().as_bytes());
         let app = orderline::Application::new(
             ([127, 0, 0, 1], 0).into(),
             pool.clone(),
@@ -190,6 +200,26 @@ impl TestApp {
             stop,
             task,
         }
+    }
+
+    /// Starts another API (only) on the same database that lets browser front-ends on
+    /// `origins` call it, and returns its address. It stops when the test's runtime ends.
+    pub async fn spawn_api_with_cors(&self, origins: &[String]) -> String {
+        let app = orderline::Application::new(
+            ([127, 0, 0, 1], 0).into(),
+            self.pool.clone(),
+            self.keys.clone(),
+            Parts {
+                api: true,
+                ..Parts::NONE
+            },
+        )
+        .await
+        .expect("bind")
+        .with_cors_origins(origins);
+        let address = format!("http://{}", app.local_addr().expect("address"));
+        tokio::spawn(app.run_until(std::future::pending()));
+        address
     }
 
     /// A token for `sub` with `role`, valid for an hour.

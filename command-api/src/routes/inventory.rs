@@ -1,6 +1,7 @@
 //! `POST /api/v1/inventory/{sku}/restock` and `/adjust` (admin): stock changes of one SKU.
 
-use axum::extract::{Path, State};
+use api_common::extract::Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
@@ -29,6 +30,17 @@ pub struct RestockBody {
 pub struct AdjustBody {
     delta: i64,
     reason: String,
+}
+
+/// A stock correction: non-zero and at most [`Quantity::MAX`] either way. Compared without
+/// `abs()`, which has no answer for `i64::MIN`.
+fn stock_delta(raw: i64) -> Result<i64, String> {
+    let max = i64::from(Quantity::MAX);
+    match raw {
+        0 => Err("must not be zero".to_owned()),
+        d if (-max..=max).contains(&d) => Ok(d),
+        _ => Err(format!("must be between -{max} and {max}")),
+    }
 }
 
 fn path_sku(raw: &str) -> Result<Sku, ApiError> {
@@ -96,15 +108,7 @@ pub async fn adjust(
     let sku = path_sku(&sku)?;
     let body = &request.body;
     let mut f = Fields::default();
-    let max = i64::from(Quantity::MAX);
-    let delta = f.check(
-        "delta",
-        match body.delta {
-            0 => Err("must not be zero".to_owned()),
-            d if d.abs() > max => Err(format!("must be between -{max} and {max}")),
-            d => Ok(d),
-        },
-    );
+    let delta = f.check("delta", stock_delta(body.delta));
     let reason = f.check("reason", Reason::parse(&body.reason));
     f.finish()?;
     let command = ProductCommand::Adjust {
@@ -112,4 +116,20 @@ pub async fn adjust(
         reason: checked(reason)?,
     };
     change_stock(&state, &request.envelope(&actor), &sku, command).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delta_is_bounded_both_ways_including_the_extremes_of_i64() {
+        let max = i64::from(Quantity::MAX);
+        assert_eq!(stock_delta(-max), Ok(-max));
+        assert_eq!(stock_delta(max), Ok(max));
+        assert!(stock_delta(0).is_err());
+        assert!(stock_delta(max + 1).is_err());
+        assert!(stock_delta(i64::MIN).is_err());
+        assert!(stock_delta(i64::MAX).is_err());
+    }
 }

@@ -3,7 +3,8 @@
 //! Placing prices every line from the catalog (the inventory aggregates) at that moment; the
 //! client never sends a price. Another customer's order answers 404, as if it did not exist.
 
-use axum::extract::{Path, State};
+use api_common::extract::OrderPath;
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
@@ -136,13 +137,6 @@ pub async fn place(
     .await
 }
 
-/// An order id from the path; one that cannot be an id cannot exist either.
-fn path_order_id(raw: &str) -> Result<OrderId, ApiError> {
-    Uuid::parse_str(raw)
-        .map(OrderId::from)
-        .map_err(|_| ApiError::NotFound("order not found".into()))
-}
-
 /// Refuses callers who may not act on `order`: customers other than its owner see 404.
 fn visible_to(actor: &Actor, order: &Order) -> Result<(), ApiError> {
     let owner = order.placed().map(|p| p.customer_id.as_str());
@@ -185,10 +179,9 @@ async fn transition(
 pub async fn cancel(
     State(state): State<CommandState>,
     CustomerOrAdmin(actor): CustomerOrAdmin,
-    Path(id): Path<String>,
+    OrderPath(order_id): OrderPath,
     request: CommandRequest<CancelBody>,
 ) -> Result<Answer, ApiError> {
-    let order_id = path_order_id(&id)?;
     let mut f = Fields::default();
     let reason = request
         .body
@@ -207,10 +200,9 @@ pub async fn cancel(
 pub async fn ship(
     State(state): State<CommandState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    OrderPath(order_id): OrderPath,
     request: CommandRequest<ShipBody>,
 ) -> Result<Answer, ApiError> {
-    let order_id = path_order_id(&id)?;
     let mut f = Fields::default();
     let mut label = |name: &str, raw: &Option<String>| {
         raw.as_deref()

@@ -76,10 +76,12 @@ async fn keys_are_scoped_to_the_caller() {
 async fn a_key_whose_first_request_is_still_running_is_409() {
     let app = TestApp::spawn().await;
     app.register_product("A", 100, 10).await;
-    // Hold the key's lock the way a request in flight holds it.
+    // Hold the key's lock the way a request in flight holds it: keys belong to the principal,
+    // `role:sub`.
     let mut holder = app.pool.acquire().await.unwrap();
     sqlx::query(
-        "SELECT pg_advisory_lock(8101, hashtext(length('ops') || ':' || 'ops' || 'busy-key'))",
+        "SELECT pg_advisory_lock(8101,
+                hashtext(length('admin:ops') || ':' || 'admin:ops' || 'busy-key'))",
     )
     .execute(&mut *holder)
     .await
