@@ -25,6 +25,10 @@ use tokio::task::JoinHandle;
 
 use crate::log::{self, Cursor, LogEvent, NOTIFY_CHANNEL};
 
+/// The channel `NOTIFY`ed, with the consumer's name as payload, in every transaction that moves
+/// a checkpoint: a read model has advanced once the notification arrives.
+pub const CHECKPOINT_CHANNEL: &str = "orderline_checkpoints";
+
 /// The error a consumer reports for a page it could not apply.
 pub type ConsumerError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -435,16 +439,22 @@ impl Runner {
         }
         let next = last.cursor();
         let applied = page.len();
+        // The NOTIFY is delivered at commit: listeners (live updates) learn that this read
+        // model moved once it really has.
         sqlx::query(
-            "UPDATE checkpoints
-                SET transaction_id = $2::text::xid8, position = $3,
-                    events_applied = events_applied + $4, last_error = NULL, updated_at = now()
-              WHERE consumer = $1",
+            "WITH moved AS (
+                UPDATE checkpoints
+                   SET transaction_id = $2::text::xid8, position = $3,
+                       events_applied = events_applied + $4, last_error = NULL, updated_at = now()
+                 WHERE consumer = $1
+             RETURNING consumer)
+             SELECT pg_notify($5, consumer) FROM moved",
         )
         .bind(name)
         .bind(next.transaction_id.to_string())
         .bind(next.position)
         .bind(i64::try_from(applied).unwrap_or(i64::MAX))
+        .bind(CHECKPOINT_CHANNEL)
         .execute(&mut *tx)
         .await
         .map_err(|e| failed(e.to_string()))?;

@@ -29,6 +29,7 @@ use command_api::CommandState;
 use event_store::subscription::{Consumer, RunnerConfig, Subscriptions};
 use event_store::EventStore;
 use kafka_relay::{KafkaRelay, RelayConfig};
+use query_api::live::{LiveHandle, LiveUpdates};
 use query_api::QueryState;
 use sagas::gateway::simulated::SimulatedGateway;
 use sagas::gateway::PaymentGateway;
@@ -107,8 +108,8 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .max_age(std::time::Duration::from_secs(600))
 }
 
-/// The whole HTTP API over one database.
-pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
+/// The whole HTTP API over one database; its long-lived streams wait on `live`.
+pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates) -> Router {
     let commands = command_api::router(CommandState {
         store: EventStore::new(pool.clone()),
         keys: keys.clone(),
@@ -117,6 +118,7 @@ pub fn app(pool: PgPool, keys: TokenKeys) -> Router {
     let queries = query_api::router(QueryState {
         pool: pool.clone(),
         keys,
+        live: updates,
     });
     let router = Router::new()
         .route("/health/live", get(live))
@@ -180,6 +182,8 @@ impl Parts {
 pub struct Application {
     listener: Option<tokio::net::TcpListener>,
     router: Router,
+    /// Ends the API's long-lived streams at shutdown, so they do not hold it up.
+    live: Option<LiveHandle>,
     pool: PgPool,
     parts: Parts,
     runner: RunnerConfig,
@@ -211,9 +215,21 @@ impl Application {
             true => Some(tokio::net::TcpListener::bind(addr).await?),
             false => None,
         };
+        let (live, handle) = match parts.api {
+            true => {
+                let (live, handle) = LiveUpdates::spawn(pool.clone());
+                (Some(live), Some(handle))
+            }
+            false => (None, None),
+        };
+        let router = match live {
+            Some(live) => app(pool.clone(), keys, live),
+            None => Router::new(),
+        };
         Ok(Self {
             listener,
-            router: app(pool.clone(), keys),
+            router,
+            live: handle,
             gateway: Arc::new(SimulatedGateway::new(pool.clone())),
             pool,
             parts,
@@ -306,10 +322,18 @@ impl Application {
             .parts
             .sagas
             .then(|| GatewayWorker::spawn(store, self.gateway.clone(), self.saga.clone()));
+        let live = self.live;
         let served = match self.listener {
             Some(listener) => {
+                // Streams end first (each says goodbye); then in-flight requests finish.
+                let closing = async move {
+                    shutdown.await;
+                    if let Some(live) = live {
+                        live.close().await;
+                    }
+                };
                 axum::serve(listener, self.router)
-                    .with_graceful_shutdown(shutdown)
+                    .with_graceful_shutdown(closing)
                     .await
             }
             None => {

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod live;
 pub mod metrics;
 pub mod notifications;
 pub mod orders;
@@ -46,6 +47,8 @@ pub struct QueryState {
     pub pool: PgPool,
     /// Token verification keys.
     pub keys: TokenKeys,
+    /// The process's fan-out of read-model moves to long-lived streams.
+    pub live: live::LiveUpdates,
 }
 
 impl FromRef<QueryState> for TokenKeys {

@@ -1,7 +1,6 @@
 //! Order queries: one order, the lists, its events and its live status updates.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use api_common::extract::{OrderPath, Query};
 use axum::extract::State;
@@ -295,13 +294,21 @@ pub async fn updates(
     reached(&state.pool, PROJECTION, &consistency).await?;
     visible_order(&state.pool, &actor, id).await?;
     let pool = state.pool.clone();
-    let stream = futures::stream::unfold((0usize, false), move |(sent, done)| {
+    let live = state.live.subscribe();
+    // Each step sends the next status change, or waits for the read model to move (woken by
+    // the process's one listener, never by polling), or ends: after a final status, when the
+    // order can no longer be read, or with a goodbye comment when the server shuts down.
+    let stream = futures::stream::unfold((0usize, false, live), move |(sent, done, mut live)| {
         let (pool, actor) = (pool.clone(), actor.clone());
         async move {
             if done {
                 return None;
             }
             loop {
+                if live.closing() {
+                    let goodbye = Event::default().comment("the server is shutting down");
+                    return Some((Ok(goodbye), (sent, true, live)));
+                }
                 let row = match visible_order(&pool, &actor, id).await {
                     Ok(row) => row,
                     Err(e) => {
@@ -321,10 +328,9 @@ pub async fn updates(
                         .id(sent.to_string())
                         .json_data(change)
                         .unwrap_or_else(|_| Event::default().comment("unserializable"));
-                    return Some((Ok(event), (sent + 1, done)));
+                    return Some((Ok(event), (sent + 1, done, live)));
                 }
-                // The read model has nothing new yet: look again shortly.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                live.next().await;
             }
         }
     });
