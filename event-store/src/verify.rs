@@ -122,7 +122,7 @@ pub async fn verify(
         expected = row.sequence + 1;
         previous = row.hash;
         verified.events += 1;
-        if verified.events % 10_000 == 0 {
+        if verified.events.is_multiple_of(10_000) {
             progress(verified.events);
         }
     }

@@ -16,12 +16,16 @@ pub struct EventFilter {
     pub aggregate: Option<(String, String)>,
     /// One flow: every event with this correlation id.
     pub correlation: Option<Uuid>,
-    /// Only events after this global position.
+    /// Only events whose global position is above this one (whether or not an event with
+    /// this position exists yet): the positions commands answer with.
     pub after: Option<i64>,
 }
 
 impl EventFilter {
     fn matches(&self, event: &LogEvent) -> bool {
+        if self.after.is_some_and(|after| event.position <= after) {
+            return false;
+        }
         let stream = self
             .aggregate
             .as_ref()
@@ -83,17 +87,23 @@ pub async fn follow(
     filter: &EventFilter,
     mut show: impl FnMut(&LogEvent) -> bool,
 ) -> sqlx::Result<()> {
+    // Start just before the oldest transaction that wrote a position above `after`, or that
+    // may still commit one (a transaction still running): nothing before it can match, and
+    // nothing from it on is skipped. The filter then keeps exactly the positions above
+    // `after`, as `events` lists them.
     let mut cursor = match filter.after {
         Some(position) => {
-            let transaction_id: Option<i64> = sqlx::query_scalar(
-                "SELECT transaction_id::text::bigint FROM events WHERE position = $1",
+            let before: i64 = sqlx::query_scalar(
+                "SELECT least(
+                        (SELECT min(transaction_id) FROM events WHERE position > $1),
+                        pg_snapshot_xmin(pg_current_snapshot()))::text::bigint - 1",
             )
             .bind(position)
-            .fetch_optional(pool)
+            .fetch_one(pool)
             .await?;
             Cursor {
-                transaction_id: transaction_id.unwrap_or(0),
-                position,
+                transaction_id: before.max(0),
+                position: i64::MAX,
             }
         }
         None => Cursor::default(),

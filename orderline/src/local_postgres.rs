@@ -5,7 +5,17 @@
 //!
 //! Postgres refuses to run as root; when orderline runs as root it runs the Postgres tools as
 //! the `postgres` user (present wherever Debian's PostgreSQL is installed).
+//!
+//! Several orderline processes may use one cluster at once (`serve` and a CLI command, say).
+//! Each registers itself in `FOLDER/users/` (its pid and its start time, so a reused pid is not
+//! mistaken for it) under the lock `FOLDER/cluster.lock`; the last one to leave stops a cluster
+//! that orderline started (`FOLDER/started-by-orderline`). Entries of processes that died
+//! without leaving (SIGKILL, a crash) are pruned by the next process, which so takes over a
+//! cluster orphaned by a dead orderline and stops it when it exits. A cluster that was
+//! running without that marker was started by someone else and is never stopped. Leaving runs
+//! on every exit path: [`LocalPostgres::stop`], or its `Drop` when a command fails or panics.
 
+use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
@@ -15,15 +25,20 @@ use tokio::process::Command;
 /// Name of the database orderline uses inside the private cluster.
 pub const DATABASE: &str = "orderline";
 
-/// A running private cluster.
+/// A running private cluster, used by this process until [`LocalPostgres::stop`] (or drop).
 #[derive(Debug)]
 pub struct LocalPostgres {
+    folder: PathBuf,
     data_dir: PathBuf,
     bin_dir: PathBuf,
     run_as_postgres: bool,
     port: u16,
-    started_here: bool,
+    /// This process's entry in `FOLDER/users/`; `None` once it left.
+    registered: Option<PathBuf>,
 }
+
+/// Marks a cluster that orderline started, and so stops when its last user leaves.
+const STARTED_MARKER: &str = "started-by-orderline";
 
 impl LocalPostgres {
     /// Creates the cluster under `folder` if needed and starts it unless it runs already.
@@ -38,19 +53,28 @@ impl LocalPostgres {
         let folder = folder.canonicalize()?;
         let data_dir = folder.join("postgres");
         let run_as_postgres = is_root().await;
+        let _lock = lock(&folder)?;
         let mut cluster = Self {
+            folder: folder.clone(),
             data_dir,
             bin_dir,
             run_as_postgres,
             port: 0,
-            started_here: false,
+            registered: None,
         };
         if !cluster.data_dir.join("PG_VERSION").exists() {
             cluster.init(&folder).await?;
         }
+        let others = live_users(&folder)?;
+        cluster.registered = Some(register(&folder)?);
         if let Some(port) = cluster.running_port().await {
             cluster.port = port;
-            tracing::info!(port, data_dir = %cluster.data_dir.display(), "using the private PostgreSQL cluster that is already running");
+            let ours = folder.join(STARTED_MARKER).exists();
+            if ours && others == 0 {
+                tracing::info!(port, data_dir = %cluster.data_dir.display(), "took over the private PostgreSQL cluster a stopped orderline process left running");
+            } else {
+                tracing::info!(port, data_dir = %cluster.data_dir.display(), "using the private PostgreSQL cluster that is already running");
+            }
         } else {
             cluster.port = free_port()?;
             let log = folder.join("postgres.log");
@@ -72,7 +96,8 @@ impl LocalPostgres {
                 .run()
                 .await
                 .with_context(|| format!("pg_ctl start failed; see {}", log.display()))?;
-            cluster.started_here = true;
+            File::create(folder.join(STARTED_MARKER))
+                .context("cannot mark the private cluster as started by orderline")?;
             tracing::info!(port = cluster.port, data_dir = %cluster.data_dir.display(), "started a private PostgreSQL cluster (DATABASE_URL is unset)");
         }
         Ok(cluster)
@@ -88,20 +113,59 @@ impl LocalPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", self.port)
     }
 
-    /// Stops the cluster if this process started it; one that was running before is left alone.
-    pub async fn stop(&self) {
-        if !self.started_here {
+    /// Leaves the cluster: the last orderline process to leave stops a cluster orderline
+    /// started; one that someone else started is left alone.
+    pub async fn stop(mut self) {
+        // Stopping waits for Postgres (a second at most with `-m fast`); off the async threads.
+        let leave = tokio::task::spawn_blocking(move || self.leave());
+        if let Err(e) = leave.await {
+            tracing::warn!(error = %e, "could not leave the private PostgreSQL cluster");
+        }
+    }
+
+    /// Removes this process's entry and, when no live user is left and orderline started the
+    /// cluster, stops it. Idempotent; runs from [`LocalPostgres::stop`] or from `Drop`.
+    fn leave(&mut self) {
+        let Some(entry) = self.registered.take() else {
+            return;
+        };
+        let _lock = match lock(&self.folder) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot lock the private cluster's folder; leaving it running");
+                return;
+            }
+        };
+        std::fs::remove_file(&entry).ok();
+        let others = live_users(&self.folder).unwrap_or(1);
+        let marker = self.folder.join(STARTED_MARKER);
+        if others > 0 || !marker.exists() {
             return;
         }
-        let result = self
-            .tool("pg_ctl")
-            .args(["stop", "-m", "fast", "-w", "-D"])
-            .arg(&self.data_dir)
-            .run()
-            .await;
-        match result {
-            Ok(()) => tracing::info!("stopped the private PostgreSQL cluster"),
+        let mut stop = self.tool_blocking("pg_ctl");
+        stop.args(["stop", "-m", "fast", "-w", "-D"])
+            .arg(&self.data_dir);
+        match stop.output() {
+            Ok(output) if output.status.success() => {
+                std::fs::remove_file(&marker).ok();
+                tracing::info!("stopped the private PostgreSQL cluster");
+            }
+            Ok(output) => tracing::warn!(
+                stderr = %String::from_utf8_lossy(&output.stderr).trim(),
+                "could not stop the private PostgreSQL cluster"
+            ),
             Err(e) => tracing::warn!(error = %e, "could not stop the private PostgreSQL cluster"),
+        }
+    }
+
+    fn tool_blocking(&self, name: &str) -> std::process::Command {
+        let program = self.bin_dir.join(name);
+        if self.run_as_postgres {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            std::process::Command::new(program)
         }
     }
 
@@ -158,6 +222,68 @@ impl LocalPostgres {
             Tool::new(program)
         }
     }
+}
+
+impl Drop for LocalPostgres {
+    /// A command that fails or panics still leaves the cluster as it found it.
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// Takes the folder's lock (blocking until another orderline process releases it).
+fn lock(folder: &Path) -> anyhow::Result<File> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(folder.join("cluster.lock"))
+        .context("cannot open the private cluster's lock file")?;
+    file.lock()
+        .context("cannot lock the private cluster's folder")?;
+    Ok(file)
+}
+
+/// When a process started, in clock ticks since boot (field 22 of `/proc/PID/stat`): with the
+/// pid, it names one process even after the pid is reused.
+fn started_at(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after_name = stat.rsplit_once(')')?.1;
+    after_name.split_whitespace().nth(19).map(str::to_owned)
+}
+
+/// Registers this process as a user of the cluster; returns its entry.
+fn register(folder: &Path) -> anyhow::Result<PathBuf> {
+    let pid = std::process::id();
+    let entry = folder.join("users").join(pid.to_string());
+    std::fs::write(&entry, started_at(pid).unwrap_or_default())
+        .with_context(|| format!("cannot register in {}", folder.join("users").display()))?;
+    Ok(entry)
+}
+
+/// Removes the entries of processes that are gone; answers how many live users remain.
+fn live_users(folder: &Path) -> anyhow::Result<usize> {
+    let users = folder.join("users");
+    std::fs::create_dir_all(&users)
+        .with_context(|| format!("cannot create {}", users.display()))?;
+    let mut live = 0;
+    for entry in std::fs::read_dir(&users)?.flatten() {
+        let alive = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                let recorded = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                started_at(pid).is_some_and(|now| now == recorded.trim())
+            });
+        if alive {
+            live += 1;
+        } else {
+            std::fs::remove_file(entry.path()).ok();
+        }
+    }
+    Ok(live)
 }
 
 /// A command whose failure carries its output.

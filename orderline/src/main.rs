@@ -1,6 +1,7 @@
 //! `orderline`: serve the API, projections and sagas, apply migrations, rebuild read models, or
 //! mint a token.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +22,40 @@ use sagas::gateway::stripe::{StripeConfig, StripeGateway};
 use sagas::gateway::PaymentGateway;
 use sagas::runtime::SagaConfig;
 
+/// The settings of every command that opens the database.
+const DB_HELP: &str = concat!(
+    "Settings (environment):\n",
+    "  DATABASE_URL          Postgres to use (unset: a private cluster in ORDERLINE_DATA_DIR,\n",
+    "                        started for the command and stopped after it)\n",
+    "  ORDERLINE_DATA_DIR    folder of the private cluster [default: .orderline]\n",
+    "  ORDERLINE_PG_BIN      folder of initdb/pg_ctl [default: newest /usr/lib/postgresql/*/bin]\n",
+    "  RUST_LOG              log filter [default: info,sqlx=warn]; NO_COLOR turns colours off\n\n",
+    "Exit codes: 0 done (also when the reader of the output stops reading), 2 failed,\n",
+    "130 interrupted; verify: 1 when the log or a read model is not intact."
+);
+
+/// What every command's help ends with.
+const ENV_HELP: &str = concat!(
+    "Settings come from the environment (a bad value stops the command, naming it).\n\n",
+    "Database:\n",
+    "  DATABASE_URL          Postgres to use (unset: a private cluster in ORDERLINE_DATA_DIR)\n",
+    "  ORDERLINE_DATA_DIR    folder of the private cluster [default: .orderline]\n",
+    "  ORDERLINE_PG_BIN      folder of initdb/pg_ctl [default: newest /usr/lib/postgresql/*/bin]\n",
+    "  ORDERLINE_DB_POOL_SIZE  largest number of Postgres connections [default: 16]\n",
+    "  RUST_LOG              log filter [default: info,sqlx=warn]; NO_COLOR turns colours off\n\n",
+    "Server (serve) and tokens (token): see `orderline serve --help`.\n\n",
+    "Exit codes: 0 done, 1 verify found the log or a read model not intact, 2 failed,\n",
+    "130 interrupted."
+);
+
 /// orderline: an event-sourced order engine.
+///
+/// Serves the HTTP API with its projections, fulfillment saga and Kafka relay (serve), applies
+/// migrations (migrate), shows the log and what happened to an order or an aggregate (events,
+/// audit, state), proves the log was not edited (verify), moves it between databases (export,
+/// import), rebuilds read models (replay) and mints tokens (token).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, long_about, after_help = ENV_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -31,16 +63,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Apply pending migrations, then run the HTTP API until SIGTERM or Ctrl-C.
+    /// Apply pending migrations, then run the HTTP API, the projections, the fulfillment saga
+    /// and the Kafka relay until SIGTERM or Ctrl-C.
+    #[command(after_help = concat!(
+        "Database: DATABASE_URL, ORDERLINE_DATA_DIR, ORDERLINE_PG_BIN, ORDERLINE_DB_POOL_SIZE\n\n",
+        "Server:\n",
+        "  ORDERLINE_ADDR        where the HTTP API listens [default: 127.0.0.1:8080]\n",
+        "  ORDERLINE_JWT_SECRET  HS256 token secret, at least 32 bytes [default: a development secret]\n",
+        "  ORDERLINE_CORS_ORIGINS  browser origins allowed to call the API, comma-separated [default: none]\n",
+        "  ORDERLINE_PAYMENT_GATEWAY  simulated | stripe [default: simulated]\n",
+        "  ORDERLINE_STRIPE_BASE_URL, ORDERLINE_STRIPE_API_KEY  the Stripe-style API (with stripe)\n",
+        "  ORDERLINE_AUTHORIZATION_DEADLINE_SECS  how long authorizing may take [default: 60]\n",
+        "  ORDERLINE_KAFKA_BROKERS  Kafka for the relay [default: unset, relay off]\n",
+        "  ORDERLINE_KAFKA_TOPIC_PREFIX [default: orderline], ORDERLINE_KAFKA_PARTITIONS [default: 6]\n",
+        "  ORDERLINE_NOTIFY_SMTP_HOST, ORDERLINE_NOTIFY_SMTP_PORT, ORDERLINE_NOTIFY_FROM,\n",
+        "  ORDERLINE_NOTIFY_CUSTOMER_DOMAIN, ORDERLINE_NOTIFY_OPERATORS  (--only notifications)\n",
+        "  RUST_LOG              log filter [default: info,sqlx=warn]; NO_COLOR turns colours off"
+    ))]
     Serve {
         /// Run only this part (several processes may share one database).
         #[arg(long, value_enum)]
         only: Option<Part>,
     },
     /// Apply pending migrations and exit.
+    #[command(after_help = DB_HELP)]
     Migrate,
     /// The log, filtered: one stream, one flow (correlation id), after a position; --follow
     /// tails it live.
+    #[command(after_help = DB_HELP)]
     Events {
         /// One stream, as TYPE/ID (e.g. inventory/MUG-1).
         #[arg(long, value_parser = audit::parse_stream)]
@@ -48,10 +98,12 @@ enum Cmd {
         /// One flow: every event with this correlation id.
         #[arg(long)]
         correlation: Option<uuid::Uuid>,
-        /// Only events after this global position.
-        #[arg(long)]
+        /// Only events whose global position is above POSITION (the `position` a command
+        /// answered; it need not exist yet). The HTTP `GET /api/v1/admin/events?after=` takes
+        /// a cursor instead: the `next` of the page before.
+        #[arg(long, value_name = "POSITION")]
         after: Option<i64>,
-        /// Keep printing events as they commit (Ctrl-C to stop).
+        /// Keep printing events as they commit (Ctrl-C to stop, exit 0).
         #[arg(long)]
         follow: bool,
         /// One JSON object per event instead of a line of text.
@@ -59,6 +111,7 @@ enum Cmd {
         json: bool,
     },
     /// An order's timeline across every stream it touched, with who did what.
+    #[command(after_help = DB_HELP)]
     Audit {
         /// What to audit: `order`.
         #[arg(value_parser = ["order"])]
@@ -70,6 +123,7 @@ enum Cmd {
         json: bool,
     },
     /// An aggregate as it was at a version or a time (now by default).
+    #[command(after_help = DB_HELP)]
     State {
         /// The stream, as TYPE/ID.
         #[arg(value_parser = audit::parse_stream)]
@@ -84,14 +138,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Check every stream (no gaps, every event readable) and its hash chain; names the first
-    /// bad event and exits with 1.
+    /// Check every stream (no gaps, every event readable) and its hash chain, and every read
+    /// model against a fold of the log; names the first bad event and exits with 1 (2 when it
+    /// could not check, e.g. the database is unreachable).
+    #[command(after_help = DB_HELP)]
     Verify {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Write the log as NDJSON to standard output, one event per line, exactly as stored.
+    #[command(after_help = DB_HELP)]
     Export {
         /// Only events after this global position.
         #[arg(long, default_value_t = 0)]
@@ -99,12 +156,14 @@ enum Cmd {
     },
     /// Load an export into an empty database (migrating it first): the same streams,
     /// positions and hash chains.
+    #[command(after_help = DB_HELP)]
     Import {
         /// The NDJSON file written by `orderline export`.
         file: std::path::PathBuf,
     },
     /// Rebuild read models from the start of the log; the live ones keep serving until the
     /// rebuilt ones take their place.
+    #[command(after_help = DB_HELP)]
     Replay {
         /// The projection to rebuild: orders, inventory or payments.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -113,7 +172,8 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
-    /// Print a token signed with the configured secret (ORDERLINE_JWT_SECRET).
+    /// Print a token signed with the configured secret (ORDERLINE_JWT_SECRET; unset: the
+    /// development secret a default `serve` uses).
     Token {
         /// The subject: a customer id, an admin's or a service's name.
         #[arg(long)]
@@ -185,42 +245,89 @@ fn parse_ttl(raw: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
+/// The log is not intact, or a read model differs from it: `verify` printed what it found.
+#[derive(Debug, thiserror::Error)]
+#[error("verification failed")]
+struct NotIntact;
+
+/// A CLI command was interrupted (Ctrl-C or SIGTERM) before it finished.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+/// Exit codes: 0 done (also when the reader of the output went away, as `| head` does),
+/// 1 `verify` found the log or a read model not intact, 2 anything else failed (so `verify`
+/// could not check), 130 interrupted.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
         )
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<NotIntact>() => ExitCode::from(1),
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[expect(clippy::print_stderr, reason = "the error is what the user must read")]
+            {
+                eprintln!("Error: {e:?}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Whether `error` is stdout's reader having gone away: the command's output was cut short on
+/// purpose (`| head`), which is no failure.
+fn broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Writes one line of the command's output; fails (instead of panicking, as `println!` does)
+/// when the reader has gone away.
+fn say(line: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{line}")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Taken before anything is started, so that a Ctrl-C or SIGTERM arriving while the private
+    // cluster starts is not the default "die at once", which would leave it running.
+    let signal = shutdown_signal()?;
     let settings = Settings::from_env().context("invalid configuration")?;
     match cli.command {
         Cmd::Token { sub, role, ttl } => {
             let keys = TokenKeys::hs256(settings.jwt_secret.expose().as_bytes());
             let token = keys.mint(&sub, role, ttl)?;
-            #[expect(clippy::print_stdout, reason = "the token is the command's output")]
-            {
-                println!("{token}");
-            }
+            say(token)?;
             Ok(())
         }
         Cmd::Migrate => {
-            let (pool, local) = open_database(&settings).await?;
-            event_store::MIGRATOR
-                .run(&pool)
-                .await
-                .context("migration failed")?;
-            tracing::info!("migrations applied");
-            pool.close().await;
-            if let Some(local) = local {
-                local.stop().await;
-            }
-            Ok(())
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
+                event_store::MIGRATOR
+                    .run(&pool)
+                    .await
+                    .context("migration failed")?;
+                tracing::info!("migrations applied");
+                Ok(())
+            })
+            .await
         }
         Cmd::Serve {
             only: Some(Part::Notifications),
-        } => notifications(settings).await,
+        } => notifications(settings, signal).await,
         Cmd::Events {
             aggregate,
             correlation,
@@ -233,12 +340,25 @@ async fn main() -> anyhow::Result<()> {
                 correlation,
                 after,
             };
-            with_database(&settings, |pool| async move {
+            // Ctrl-C is how a follow ends: that is success.
+            let stop = if follow { Stop::Succeeds } else { Stop::Fails };
+            with_database(&settings, signal, stop, |pool| async move {
                 if follow {
-                    audit::follow(&pool, &filter, |e| print_event(e, json)).await?;
+                    let mut failed = None;
+                    audit::follow(&pool, &filter, |e| match print_event(e, json) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
+                    })
+                    .await?;
+                    if let Some(e) = failed {
+                        return Err(e.into());
+                    }
                 } else {
                     for event in audit::events(&pool, &filter).await? {
-                        print_event(&event, json);
+                        print_event(&event, json)?;
                     }
                 }
                 Ok(())
@@ -246,11 +366,11 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::Audit { id, json, .. } => {
-            with_database(&settings, |pool| async move {
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
                 let story = audit::order_story(&pool, id).await?;
                 anyhow::ensure!(!story.is_empty(), "no order {id}");
                 for event in &story {
-                    print_event(event, json);
+                    print_event(event, json)?;
                 }
                 Ok(())
             })
@@ -267,26 +387,25 @@ async fn main() -> anyhow::Result<()> {
                 (None, Some(n)) => history::At::Version(n),
                 (None, None) => history::At::Latest,
             };
-            with_database(&settings, |pool| async move {
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
                 let state = history::state_at(&pool, &aggregate_type, &id, at)
                     .await?
                     .with_context(|| format!("{aggregate_type}/{id} had no event by then"))?;
-                #[expect(clippy::print_stdout, reason = "the state is the command's output")]
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&state)?);
+                    say(serde_json::to_string_pretty(&state)?)?;
                 } else {
-                    println!(
+                    say(format!(
                         "{}/{} at version {} (recorded {})",
                         state.aggregate_type, state.aggregate_id, state.version, state.recorded_at
-                    );
-                    println!("{}", serde_json::to_string_pretty(&state.state)?);
+                    ))?;
+                    say(serde_json::to_string_pretty(&state.state)?)?;
                 }
                 Ok(())
             })
             .await
         }
         Cmd::Export { since } => {
-            with_database(&settings, |pool| async move {
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
                 use std::io::Write;
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 let written = transfer::export(&pool, since, |event| -> anyhow::Result<()> {
@@ -302,7 +421,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::Import { file } => {
-            with_database(&settings, |pool| async move {
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
                 event_store::MIGRATOR.run(&pool).await.context("migration failed")?;
                 let reader = std::io::BufReader::new(
                     std::fs::File::open(&file)
@@ -310,16 +429,13 @@ async fn main() -> anyhow::Result<()> {
                 );
                 let imported =
                     transfer::import(&pool, std::io::BufRead::lines(reader)).await?;
-                #[expect(clippy::print_stdout, reason = "the count is the command's output")]
-                {
-                    println!("imported {imported} events");
-                }
+                say(format!("imported {imported} events"))?;
                 Ok(())
             })
             .await
         }
         Cmd::Verify { json } => {
-            with_database(&settings, |pool| async move {
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
                 let bar = ProgressBar::new_spinner();
                 let outcome = verify::verify(&pool, &|n| {
                     bar.set_message(format!("{n} events checked"));
@@ -361,16 +477,15 @@ async fn main() -> anyhow::Result<()> {
                         )),
                     }
                 }
-                #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
                 if json {
-                    println!("{}", serde_json::json!({ "ok": true, "events": verified.events, "streams": verified.streams, "projections": checked }));
+                    say(serde_json::json!({ "ok": true, "events": verified.events, "streams": verified.streams, "projections": checked }))?;
                 } else {
-                    println!("ok: {} events in {} streams, every hash chain intact", verified.events, verified.streams);
+                    say(format!("ok: {} events in {} streams, every hash chain intact", verified.events, verified.streams))?;
                     for p in &checked {
                         let name = p["name"].as_str().unwrap_or_default();
                         match (p.get("rows"), p["skipped"].as_str()) {
-                            (Some(rows), _) => println!("ok: projection {name} matches the log ({rows} rows)"),
-                            (_, Some(why)) => println!("skipped: projection {name}: {why}"),
+                            (Some(rows), _) => say(format!("ok: projection {name} matches the log ({rows} rows)"))?,
+                            (_, Some(why)) => say(format!("skipped: projection {name}: {why}"))?,
                             _ => {}
                         }
                     }
@@ -379,7 +494,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await
         }
-        Cmd::Serve { only } => serve(settings, Part::parts(only)).await,
+        Cmd::Serve { only } => serve(settings, Part::parts(only), signal).await,
         Cmd::Replay { name, all } => {
             let chosen = match (name, all) {
                 (_, true) => projections::all(),
@@ -388,17 +503,14 @@ async fn main() -> anyhow::Result<()> {
                 })?],
                 (None, false) => unreachable!("clap requires a name or --all"),
             };
-            let (pool, local) = open_database(&settings).await?;
-            event_store::MIGRATOR
-                .run(&pool)
-                .await
-                .context("migration failed")?;
-            let result = replay(&pool, chosen).await;
-            pool.close().await;
-            if let Some(local) = local {
-                local.stop().await;
-            }
-            result
+            with_database(&settings, signal, Stop::Fails, |pool| async move {
+                event_store::MIGRATOR
+                    .run(&pool)
+                    .await
+                    .context("migration failed")?;
+                replay(&pool, chosen).await
+            })
+            .await
         }
     }
 }
@@ -434,7 +546,7 @@ async fn replay(
     Ok(())
 }
 
-async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
+async fn serve(settings: Settings, parts: Parts, signal: Signal) -> anyhow::Result<()> {
     if settings.jwt_secret_is_default {
         tracing::warn!("ORDERLINE_JWT_SECRET is unset: using the development secret; never do this in production");
     }
@@ -489,7 +601,7 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
     {
         anyhow::bail!("--only relay needs ORDERLINE_KAFKA_BROKERS");
     }
-    app.run_until(shutdown_signal()).await?;
+    app.run_until(signal).await?;
     tracing::info!("shutting down");
     pool.close().await;
     if let Some(local) = local {
@@ -501,38 +613,60 @@ async fn serve(settings: Settings, parts: Parts) -> anyhow::Result<()> {
 /// Prints a failed verification and answers the error that makes the command exit with 1
 /// (after the database is closed and a private cluster stopped).
 fn fail(json: bool, detail: serde_json::Value, text: &str) -> anyhow::Error {
-    #[expect(clippy::print_stdout, reason = "the verdict is the command's output")]
-    if json {
+    let printed = if json {
         let mut verdict = serde_json::json!({ "ok": false });
         if let (Some(v), Some(d)) = (verdict.as_object_mut(), detail.as_object()) {
             v.extend(d.clone());
         }
-        println!("{verdict}");
+        say(verdict)
     } else {
-        println!("{text}");
+        say(text)
+    };
+    match printed {
+        Ok(()) => NotIntact.into(),
+        Err(e) => e.into(),
     }
-    anyhow::anyhow!("verification failed")
 }
 
-/// Prints one event as a line of text or a JSON object; always `true` (go on).
-fn print_event(event: &event_store::log::LogEvent, json: bool) -> bool {
-    #[expect(clippy::print_stdout, reason = "the events are the command's output")]
+/// Prints one event as a line of text or a JSON object.
+fn print_event(event: &event_store::log::LogEvent, json: bool) -> std::io::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(event).unwrap_or_default());
+        say(serde_json::to_string(event).unwrap_or_default())
     } else {
-        println!("{}", audit::line(event));
+        say(audit::line(event))
     }
-    true
 }
 
-/// Opens the database (applying no migration), runs `work`, and closes it.
-async fn with_database<F, Fut>(settings: &Settings, work: F) -> anyhow::Result<()>
+/// What Ctrl-C or SIGTERM means for a CLI command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The way to end it (`events --follow`): exit 0.
+    Succeeds,
+    /// It did not finish: exit 130.
+    Fails,
+}
+
+/// Opens the database (applying no migration), runs `work`, and closes it; a private cluster
+/// is left as found on every way out: done, failed, interrupted (Ctrl-C, SIGTERM), or a panic
+/// (the cluster's `Drop`).
+async fn with_database<F, Fut>(
+    settings: &Settings,
+    signal: Signal,
+    stop: Stop,
+    work: F,
+) -> anyhow::Result<()>
 where
     F: FnOnce(sqlx::PgPool) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let (pool, local) = open_database(settings).await?;
-    let result = work(pool.clone()).await;
+    let result = tokio::select! {
+        result = work(pool.clone()) => result,
+        () = signal => match stop {
+            Stop::Succeeds => Ok(()),
+            Stop::Fails => Err(Interrupted.into()),
+        },
+    };
     pool.close().await;
     if let Some(local) = local {
         local.stop().await;
@@ -541,7 +675,7 @@ where
 }
 
 /// `serve --only notifications`: the notifications integrator until SIGTERM or Ctrl-C.
-async fn notifications(settings: Settings) -> anyhow::Result<()> {
+async fn notifications(settings: Settings, signal: Signal) -> anyhow::Result<()> {
     use integrations::inbox::{InboxConfig, InboxConsumer};
     use integrations::notifications::{
         LogNotifier, NotificationsHandler, Notifier, Sender, SenderConfig, SmtpNotifier,
@@ -578,7 +712,7 @@ async fn notifications(settings: Settings) -> anyhow::Result<()> {
     .context("cannot join the Kafka consumer group")?;
     let sender = Sender::spawn(pool.clone(), notifier, SenderConfig::default());
     tracing::info!("the notifications integrator is running");
-    shutdown_signal().await;
+    signal.await;
     consumer.stop().await;
     sender.stop().await;
     pool.close().await;
@@ -619,28 +753,24 @@ async fn open_database(
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Completes on the first Ctrl-C (SIGINT) or SIGTERM after [`shutdown_signal`] was called.
+type Signal = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Installs the handlers for SIGINT and SIGTERM now (a signal from here on is caught, never
+/// the default exit) and answers the future that completes on the first of them.
+///
+/// # Errors
+/// When the handlers cannot be installed.
+fn shutdown_signal() -> anyhow::Result<Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    Ok(Box::pin(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
+    }))
 }
 
 #[cfg(test)]
