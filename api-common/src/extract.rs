@@ -2,6 +2,10 @@
 //! value that cannot be read is a 400 problem naming the parameter (never axum's `text/plain`),
 //! an unknown query parameter is a 400 naming it, and an order id that cannot be decoded or is
 //! not a UUID is a 404 like every other unknown order.
+//!
+//! No value in a URL may hold control characters (`%00` and the like): no identifier, filter or
+//! cursor of the API has them, and Postgres refuses a NUL in text outright, which would surface
+//! as a 500. They are refused here, once, for every route.
 
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
@@ -27,12 +31,21 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if let Ok(raw) = axum::extract::RawPathParams::from_request_parts(parts, state).await {
+            for (key, value) in &raw {
+                if value.chars().any(char::is_control) {
+                    return Err(ApiError::field(key, CONTROL_CHARACTERS));
+                }
+            }
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(value)| Self(value))
             .map_err(path_error)
     }
 }
+
+const CONTROL_CHARACTERS: &str = "must not contain control characters";
 
 fn path_error(rejection: PathRejection) -> ApiError {
     let PathRejection::FailedToDeserializePathParams(failed) = &rejection else {
@@ -105,6 +118,14 @@ where
 /// # Errors
 /// [`ApiError::BadRequest`] naming the parameter.
 pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if value.chars().any(char::is_control) || name.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest {
+                detail: "the query string is invalid".into(),
+                errors: vec![FieldError::new(name, CONTROL_CHARACTERS)],
+            });
+        }
+    }
     let deserializer =
         serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
@@ -153,6 +174,7 @@ mod tests {
         assert_eq!(field_of("limit=9223372036854775808"), "limit");
         assert_eq!(field_of("low_stock=maybe"), "low_stock");
         assert_eq!(field_of("limit=1&colour=red"), "colour");
+        assert_eq!(field_of("limit=%00"), "limit");
         assert!(parse_query::<Q>("limit=5&low_stock=true").is_ok());
         assert!(parse_query::<Q>("").is_ok());
     }

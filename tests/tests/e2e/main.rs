@@ -17,6 +17,7 @@ mod notifications;
 mod orders;
 mod queries;
 mod relay;
+mod routes;
 mod sagas;
 mod store;
 mod upcast;
