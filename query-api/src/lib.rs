@@ -169,7 +169,11 @@ pub async fn reached(
             )));
         }
         if waiting.is_none() {
-            waiting = Some(WAITERS.try_acquire().map_err(|_| not_yet())?);
+            waiting = Some(WAITERS.try_acquire().map_err(|_| {
+                ApiError::Unavailable(format!(
+                    "{MAX_WAITERS} requests already wait for read models here; retry"
+                ))
+            })?);
         }
         if tokio::time::Instant::now() + pause > deadline {
             return Err(not_yet());

@@ -391,3 +391,32 @@ async fn a_position_beyond_the_head_is_unavailable_at_once() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_waiting_for_a_read_model_are_bounded() {
+    // No projections run: a position that exists is never reached, so every request waits.
+    let app = TestApp::spawn_with(Parts::NONE).await;
+    app.register_product("A", 100, 1).await;
+    let token = app.admin();
+    let requests = query_api::MAX_WAITERS + 40;
+    let answers = futures::future::join_all((0..requests).map(|_| {
+        app.client
+            .get(format!("{}/api/v1/inventory/A?min_position=1", app.address))
+            .bearer_auth(&token)
+            .send()
+    }))
+    .await;
+    let mut turned_away = 0;
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = json_body(answer).await;
+        if body["detail"].as_str().unwrap().contains("already wait") {
+            turned_away += 1;
+        }
+    }
+    assert!(
+        turned_away > 0,
+        "more than MAX_WAITERS requests waited at once"
+    );
+}
