@@ -17,10 +17,6 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 
-#[expect(
-    dead_code,
-    reason = "the helpers serve every process test; this one needs only some"
-)]
 mod support;
 use support::{free_port, fresh_database, server_url, until, wait_ready};
 

@@ -174,13 +174,10 @@ async fn a_projection_killed_before_its_commit_applies_nothing_twice() {
     let mut admin = PgConnection::connect(&server_url()).await.unwrap();
     let (database, url) = fresh_database(&mut admin, "orderline_crash").await;
     let client = reqwest::Client::new();
-    let keys = TokenKeys::hs256(SECRET.as_bytes());
-    let token = keys
-        .mint("ops", Role::Admin, Duration::from_secs(600))
-        .unwrap();
-    let alice = keys
-        .mint("alice", Role::Customer, Duration::from_secs(600))
-        .unwrap();
+    let (token, alice) = (
+        support::token("ops", Role::Admin),
+        support::token("alice", Role::Customer),
+    );
 
     // Commands only: the API without projections writes a log to project.
     let port = free_port();

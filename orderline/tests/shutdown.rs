@@ -10,13 +10,13 @@
 use std::process::Command;
 use std::time::Duration;
 
-use api_common::auth::{Role, TokenKeys};
+use api_common::auth::Role;
 use sqlx::{Connection, PgConnection};
 
 mod support;
 use support::{
-    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
-    wait_ready, SECRET,
+    free_port, fresh_database, orderline, place_order, register_product, server_url, token, until,
+    wait_ready,
 };
 
 /// Reads `response` until its text so far contains `needle` or the stream ends; the text read.
@@ -35,13 +35,7 @@ async fn sigterm_closes_open_status_streams_and_the_server_exits() {
     let mut admin = PgConnection::connect(&server_url()).await.unwrap();
     let (database, url) = fresh_database(&mut admin, "orderline_shutdown").await;
     let client = reqwest::Client::new();
-    let keys = TokenKeys::hs256(SECRET.as_bytes());
-    let ops = keys
-        .mint("ops", Role::Admin, Duration::from_secs(600))
-        .unwrap();
-    let alice = keys
-        .mint("alice", Role::Customer, Duration::from_secs(600))
-        .unwrap();
+    let (ops, alice) = (token("ops", Role::Admin), token("alice", Role::Customer));
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut server = orderline(&url, port, &["serve"], &[]);

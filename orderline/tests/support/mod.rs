@@ -1,12 +1,23 @@
 //! What the process-level tests share: the Postgres server, fresh databases, free ports and the
 //! real `orderline` binary.
 
+// Each process test compiles this module on its own and uses some of the helpers; which ones
+// differs from file to file, so `expect` cannot say it.
+#![allow(dead_code)]
+
 use std::process::{Child, Command, Stdio};
 
 use sqlx::PgConnection;
 
 /// The token secret every spawned server uses.
 pub const SECRET: &str = "process-test-secret-that-is-long-enough";
+
+/// A token for `sub` with `role`, valid for ten minutes, signed with [`SECRET`].
+pub fn token(sub: &str, role: api_common::auth::Role) -> String {
+    api_common::auth::TokenKeys::hs256(SECRET.as_bytes())
+        .mint(sub, role, std::time::Duration::from_secs(600))
+        .unwrap()
+}
 
 /// The server on which tests create their databases.
 pub fn server_url() -> String {

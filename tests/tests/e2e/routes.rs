@@ -39,15 +39,6 @@ struct Route {
     expect: [u16; 4],
 }
 
-fn route(method: Method, path: &str, body: Option<Value>, expect: [u16; 4]) -> Route {
-    Route {
-        method,
-        path: path.to_owned(),
-        body,
-        expect,
-    }
-}
-
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -149,137 +140,51 @@ async fn shop() -> (TestApp, Vec<Route>) {
     let order: Value = placed.json().await.unwrap();
     let order = order["order_id"].as_str().unwrap().to_owned();
     app.caught_up().await;
-    // Bodies that reach the handler but are refused there (400) change nothing, so every
-    // caller meets the same state.
-    let bad = Some(json!({ "unknown": true }));
-    let get = Method::GET;
-    let post = Method::POST;
     let unknown = "00000000-0000-0000-0000-000000000000";
-    let routes = vec![
-        route(
-            post.clone(),
-            "/api/v1/products",
-            bad.clone(),
-            [403, 403, 400, 403],
-        ),
-        route(
-            post.clone(),
-            "/api/v1/inventory/MUG/restock",
-            bad.clone(),
-            [403, 403, 400, 403],
-        ),
-        route(
-            post.clone(),
-            "/api/v1/inventory/MUG/adjust",
-            bad.clone(),
-            [403, 403, 400, 403],
-        ),
-        route(
-            post.clone(),
-            "/api/v1/orders",
-            bad.clone(),
-            [400, 400, 403, 403],
-        ),
-        route(
-            post.clone(),
-            &format!("/api/v1/orders/{order}/cancel"),
-            bad.clone(),
-            [400, 400, 400, 403],
-        ),
-        route(
-            post.clone(),
-            &format!("/api/v1/orders/{order}/ship"),
-            bad,
-            [403, 403, 400, 403],
-        ),
-        route(
-            get.clone(),
-            &format!("/api/v1/orders/{order}"),
-            None,
-            [200, 404, 200, 403],
-        ),
-        route(get.clone(), "/api/v1/orders", None, [200, 200, 200, 403]),
-        route(
-            get.clone(),
-            &format!("/api/v1/orders/{order}/events"),
-            None,
-            [200, 404, 200, 403],
-        ),
-        route(get.clone(), "/api/v1/products", None, [200, 200, 200, 200]),
-        route(
-            get.clone(),
-            "/api/v1/products/MUG",
-            None,
-            [200, 200, 200, 200],
-        ),
-        route(get.clone(), "/api/v1/inventory", None, [403, 403, 200, 200]),
-        route(
-            get.clone(),
-            "/api/v1/inventory/MUG",
-            None,
-            [403, 403, 200, 200],
-        ),
-        route(
-            get.clone(),
-            &format!("/api/v1/payments/{order}"),
-            None,
-            [200, 404, 200, 403],
-        ),
-        route(
-            get.clone(),
-            "/api/v1/admin/events",
-            None,
-            [403, 403, 200, 403],
-        ),
-        route(
-            get.clone(),
-            "/api/v1/admin/projections",
-            None,
-            [403, 403, 200, 403],
-        ),
-        route(
-            post.clone(),
-            "/api/v1/admin/projections/nope/rebuild",
-            None,
-            [403, 403, 404, 403],
-        ),
-        route(
-            get.clone(),
-            &format!("/api/v1/admin/streams/order/{order}"),
-            None,
-            [403, 403, 200, 403],
-        ),
-        route(
-            get.clone(),
-            "/api/v1/admin/notifications",
-            None,
-            [403, 403, 200, 403],
-        ),
-        route(
-            post.clone(),
-            &format!("/api/v1/admin/notifications/{unknown}/retry"),
-            None,
-            [403, 403, 404, 403],
-        ),
-        route(
-            get.clone(),
-            "/api/v1/admin/sagas",
-            None,
-            [403, 403, 200, 403],
-        ),
-        route(
-            get,
-            &format!("/api/v1/admin/sagas/{order}"),
-            None,
-            [403, 403, 200, 403],
-        ),
-        route(
-            post,
-            &format!("/api/v1/admin/sagas/{order}/retry"),
-            None,
-            [403, 403, 409, 403],
-        ),
-    ];
+    // method, path, and the status for the owner, a stranger, an admin and a service.
+    let table = "
+        POST /api/v1/products                              403 403 400 403
+        POST /api/v1/inventory/MUG/restock                 403 403 400 403
+        POST /api/v1/inventory/MUG/adjust                  403 403 400 403
+        POST /api/v1/orders                                400 400 403 403
+        POST /api/v1/orders/ORDER/cancel                   400 400 400 403
+        POST /api/v1/orders/ORDER/ship                     403 403 400 403
+        GET  /api/v1/orders/ORDER                          200 404 200 403
+        GET  /api/v1/orders                                200 200 200 403
+        GET  /api/v1/orders/ORDER/events                   200 404 200 403
+        GET  /api/v1/products                              200 200 200 200
+        GET  /api/v1/products/MUG                          200 200 200 200
+        GET  /api/v1/inventory                             403 403 200 200
+        GET  /api/v1/inventory/MUG                         403 403 200 200
+        GET  /api/v1/payments/ORDER                        200 404 200 403
+        GET  /api/v1/admin/events                          403 403 200 403
+        GET  /api/v1/admin/projections                     403 403 200 403
+        POST /api/v1/admin/projections/nope/rebuild        403 403 404 403
+        GET  /api/v1/admin/streams/order/ORDER             403 403 200 403
+        GET  /api/v1/admin/notifications                   403 403 200 403
+        POST /api/v1/admin/notifications/UNKNOWN/retry     403 403 404 403
+        GET  /api/v1/admin/sagas                           403 403 200 403
+        GET  /api/v1/admin/sagas/ORDER                     403 403 200 403
+        POST /api/v1/admin/sagas/ORDER/retry               403 403 409 403";
+    // Every POST carries a body its handler refuses (400) or ignores, so no call changes the
+    // state the others meet.
+    let routes = table
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let method: Method = words[0].parse().unwrap();
+            let expect: Vec<u16> = words[2..].iter().map(|w| w.parse().unwrap()).collect();
+            Route {
+                body: (method == Method::POST).then(|| json!({ "unknown": true })),
+                method,
+                path: words[1]
+                    .replace("ORDER", &order)
+                    .replace("UNKNOWN", unknown),
+                expect: expect.try_into().unwrap(),
+            }
+        })
+        .collect();
     (app, routes)
 }
 
