@@ -321,20 +321,9 @@ impl fmt::Display for Money {
 pub struct OrderId(Uuid);
 
 impl OrderId {
-    /// A new random id.
-    pub fn new() -> Self {
-        Self(Uuid::new_v4())
-    }
-
     /// The id as a UUID.
     pub fn as_uuid(&self) -> Uuid {
         self.0
-    }
-}
-
-impl Default for OrderId {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -7,7 +7,9 @@
 //!   contention that outlasted the retries, an idempotent request still running).
 //! - 422: well-formed but refused by a business rule, or an idempotency key reused for another
 //!   request.
-//! - 500: anything else; the cause is logged once with the request id and never sent.
+//! - 500: anything else; the cause is never sent. It travels in the response's extensions
+//!   ([`InternalCause`]) to the request middleware ([`crate::ids::assign_ids`]), which logs it
+//!   once, in one line with the request id, the correlation id, the route and the status.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -133,6 +135,10 @@ impl ApiError {
     }
 }
 
+/// The cause of a 500, attached to the response for the request middleware to log (never sent).
+#[derive(Debug, Clone)]
+pub struct InternalCause(pub String);
+
 /// The problem+json body.
 #[derive(Serialize)]
 struct Problem<'a> {
@@ -149,8 +155,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, slug, title) = self.parts();
         let detail = match &self {
-            Self::Internal(cause) => {
-                tracing::error!(%cause, "request failed");
+            Self::Internal(_) => {
                 "something went wrong on our side; the request may be retried".to_owned()
             }
             other => other.to_string(),
@@ -181,6 +186,9 @@ impl IntoResponse for ApiError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Self::Internal(cause) = self {
+            response.extensions_mut().insert(InternalCause(cause));
         }
         response
     }

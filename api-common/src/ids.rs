@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, InternalCause};
 
 /// Ids that tie a request to its events and log lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,10 +82,13 @@ impl RequestIds {
     }
 }
 
-/// Middleware: gives every request its [`RequestIds`], echoes them in the response headers and
-/// logs the request once it is answered (server errors at `warn`). A request whose ids are
-/// malformed is answered 400 before anything else runs.
+/// Middleware: gives every request its [`RequestIds`], runs it in a `request` span carrying
+/// them (so every line logged while it runs names the request), echoes them in the response
+/// headers, and logs the request once it is answered: a server error once, at `error`, with
+/// its cause ([`InternalCause`]), everything else at `debug`. A request whose ids are malformed
+/// is answered 400 before anything else runs.
 pub async fn assign_ids(mut req: Request, next: Next) -> Response {
+    use tracing::Instrument;
     let ids = match RequestIds::from_headers(req.headers()) {
         Ok(ids) => ids,
         Err(refused) => return refused.into_response(),
@@ -93,14 +96,26 @@ pub async fn assign_ids(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     req.extensions_mut().insert(ids.clone());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %ids.request_id,
+        correlation_id = %ids.correlation_id,
+        %method,
+        %path,
+    );
     let started = std::time::Instant::now();
-    let mut response = next.run(req).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status();
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let _in_request = span.enter();
     if status.is_server_error() {
-        tracing::warn!(request_id = %ids.request_id, %method, %path, %status, elapsed_ms, "request");
+        let cause = response
+            .extensions_mut()
+            .remove::<InternalCause>()
+            .map_or_else(|| "no cause recorded".to_owned(), |c| c.0);
+        tracing::error!(%status, elapsed_ms, cause, "request failed");
     } else {
-        tracing::debug!(request_id = %ids.request_id, %method, %path, %status, elapsed_ms, "request");
+        tracing::debug!(%status, elapsed_ms, "request");
     }
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&ids.request_id) {
@@ -162,5 +177,58 @@ mod tests {
             assert!(RequestIds::from_headers(&headers).is_err(), "{bad:?}");
         }
         assert!(RequestIds::from_headers(&with("x-correlation-id", "nope")).is_err());
+    }
+
+    /// Captures what the middleware logs.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_error_is_logged_once_with_its_request_id_and_cause() {
+        use tower::ServiceExt;
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    Err::<(), _>(ApiError::Internal("the disk is on fire".into()))
+                }),
+            )
+            .layer(axum::middleware::from_fn(assign_ids));
+        let request = axum::http::Request::get("/boom")
+            .header("x-request-id", "req-42")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 500);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        assert!(
+            !String::from_utf8_lossy(&body).contains("fire"),
+            "the cause is never sent"
+        );
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let failures: Vec<&str> = log.lines().filter(|l| l.contains("fire")).collect();
+        assert_eq!(failures.len(), 1, "{log}");
+        assert!(failures[0].contains("req-42"), "{log}");
+        assert!(failures[0].contains("ERROR"), "{log}");
     }
 }

@@ -129,13 +129,6 @@ impl<A: Default> Loaded<A> {
     }
 }
 
-impl<A> Loaded<A> {
-    /// Whether the aggregate has no events yet.
-    pub fn is_new(&self) -> bool {
-        self.version == 0
-    }
-}
-
 /// Where an append landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {

@@ -260,27 +260,6 @@ pub async fn head_position(conn: &mut PgConnection) -> sqlx::Result<i64> {
     Ok(head.unwrap_or(0))
 }
 
-/// Whether the event at `position` is at or before `cursor` in log order, i.e. a consumer at
-/// `cursor` has applied it. `false` for a position that does not exist (yet).
-///
-/// # Errors
-/// The database error, if any.
-pub async fn is_applied(
-    conn: &mut PgConnection,
-    position: i64,
-    cursor: Cursor,
-) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE position = $1
-                          AND (transaction_id, position) <= ($2::text::xid8, $3))",
-    )
-    .bind(position)
-    .bind(cursor.transaction_id.to_string())
-    .bind(cursor.position)
-    .fetch_one(conn)
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,6 @@
 //!   lease again (a restart) clears the parked state and tries once more;
 //! - sleeps until the `events_notify` trigger's NOTIFY, or the polling interval, wakes it.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,24 +93,10 @@ impl Default for RunnerConfig {
     }
 }
 
-/// Live numbers of one consumer in this process (exported at `/metrics`).
-#[derive(Debug, Default)]
-pub struct ConsumerMetrics {
-    /// Position of the last event applied here.
-    pub position: AtomicI64,
-    /// Events applied by this process.
-    pub events_applied: AtomicU64,
-    /// Failed attempts to apply a page.
-    pub errors: AtomicU64,
-    /// 1 while this process holds the consumer's lease.
-    pub leader: AtomicU64,
-}
-
 /// Running consumers; dropping it does not stop them, [`Subscriptions::shutdown`] does.
 pub struct Subscriptions {
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
-    metrics: Vec<(String, Arc<ConsumerMetrics>)>,
 }
 
 impl Subscriptions {
@@ -120,30 +105,17 @@ impl Subscriptions {
         let (stop, stopped) = watch::channel(false);
         let (wake, woken) = watch::channel(0u64);
         let mut tasks = vec![tokio::spawn(listen(pool.clone(), wake, stopped.clone()))];
-        let mut metrics = Vec::new();
         for consumer in consumers {
-            let numbers = Arc::new(ConsumerMetrics::default());
-            metrics.push((consumer.name().to_owned(), numbers.clone()));
             let runner = Runner {
                 pool: pool.clone(),
                 consumer,
                 config: config.clone(),
-                metrics: numbers,
                 woken: woken.clone(),
                 stopped: stopped.clone(),
             };
             tasks.push(tokio::spawn(runner.run()));
         }
-        Self {
-            tasks,
-            stop,
-            metrics,
-        }
-    }
-
-    /// Each consumer's numbers in this process.
-    pub fn metrics(&self) -> &[(String, Arc<ConsumerMetrics>)] {
-        &self.metrics
+        Self { tasks, stop }
     }
 
     /// Stops every consumer after its current transaction and waits for them.
@@ -237,7 +209,6 @@ struct Runner {
     pool: PgPool,
     consumer: Arc<dyn Consumer>,
     config: RunnerConfig,
-    metrics: Arc<ConsumerMetrics>,
     woken: watch::Receiver<u64>,
     stopped: watch::Receiver<bool>,
 }
@@ -258,9 +229,7 @@ impl Runner {
             match self.lease().await {
                 Ok(Some(lease)) => {
                     tracing::info!(consumer = %name, "took the lease; following the log");
-                    self.metrics.leader.store(1, Ordering::Relaxed);
                     let result = self.follow(lease).await;
-                    self.metrics.leader.store(0, Ordering::Relaxed);
                     match result {
                         Ok(()) => return,
                         Err(e) => tracing::warn!(consumer = %name, error = %e, "lost the lease"),
@@ -341,7 +310,6 @@ impl Runner {
                 }
                 Err(failure) => {
                     failures += 1;
-                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(consumer = self.consumer.name(), attempt = failures, error = %failure.error, "a page failed");
                     if failure.transient {
                         // The outside world is down, not the events at fault: keep the page
@@ -460,12 +428,6 @@ impl Runner {
         .map_err(|e| failed(e.to_string()))?;
         crash_point(name);
         tx.commit().await.map_err(|e| failed(e.to_string()))?;
-        self.metrics
-            .position
-            .store(next.position, Ordering::Relaxed);
-        self.metrics
-            .events_applied
-            .fetch_add(u64::try_from(applied).unwrap_or(0), Ordering::Relaxed);
         Ok(Step::Applied)
     }
 

@@ -193,14 +193,6 @@ pub struct Application {
 }
 
 impl Application {
-    /// Binds `addr` (port 0 picks a free port) for a server running every part.
-    ///
-    /// # Errors
-    /// When the address cannot be bound.
-    pub async fn bind(addr: SocketAddr, pool: PgPool, keys: TokenKeys) -> std::io::Result<Self> {
-        Self::new(addr, pool, keys, Parts::ALL).await
-    }
-
     /// Prepares the given parts; binds `addr` only if the API is one of them.
     ///
     /// # Errors
@@ -237,13 +229,6 @@ impl Application {
             saga: SagaConfig::default(),
             kafka: None,
         })
-    }
-
-    /// Uses `config` for the projection runners instead of the defaults.
-    #[must_use]
-    pub fn with_runner_config(mut self, config: RunnerConfig) -> Self {
-        self.runner = config;
-        self
     }
 
     /// Uses `gateway` as the payment provider instead of the simulated one.
