@@ -182,6 +182,16 @@ fn assert_published(
     assert!(missing.is_empty(), "{} events never arrived", missing.len());
 }
 
+/// Reads Kafka back and checks it against the whole log ([`assert_published`]).
+async fn assert_kafka_holds_the_log(app: &TestApp, brokers: String) {
+    let log = log_events(app).await;
+    let count = log.len();
+    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
+        .await
+        .unwrap();
+    assert_published(&received, &log);
+}
+
 async fn relay_checkpoint_reaches_the_head(app: &TestApp) {
     for _ in 0..600 {
         let behind: bool = sqlx::query_scalar(
@@ -254,12 +264,7 @@ async fn a_broker_outage_blocks_no_command_and_loses_no_event() {
     mock.broker_up(1).unwrap();
     relay_checkpoint_reaches_the_head(&app).await;
     relays.shutdown().await;
-    let log = log_events(&app).await;
-    let count = log.len();
-    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
-        .await
-        .unwrap();
-    assert_published(&received, &log);
+    assert_kafka_holds_the_log(&app, brokers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -290,12 +295,7 @@ async fn an_outage_longer_than_the_message_timeout_heals_without_a_restart() {
     mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
     relay_checkpoint_reaches_the_head(&app).await;
     relays.shutdown().await;
-    let log = log_events(&app).await;
-    let count = log.len();
-    let received = tokio::task::spawn_blocking(move || read_all(&brokers, count))
-        .await
-        .unwrap();
-    assert_published(&received, &log);
+    assert_kafka_holds_the_log(&app, brokers).await;
 }
 
 /// A relay whose first checkpoint never commits: it publishes, then "dies".

@@ -224,113 +224,54 @@ async fn every_role_on_every_route_gets_its_exact_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_token_defect_is_a_401_on_every_route() {
     let (app, routes) = shop().await;
-    let claims = |change: &dyn Fn(&mut Value)| {
+    let hs256 = jsonwebtoken::Algorithm::HS256;
+    let signed = |change: &dyn Fn(&mut Value), secret: &str, algorithm| {
         let mut claims = json!({
             "sub": "ops", "role": "admin", "exp": now() + 3600, "iss": ISSUER, "aud": ISSUER
         });
         change(&mut claims);
-        claims
+        format!("Bearer {}", sign(&claims, secret, algorithm))
     };
-    let hs256 = jsonwebtoken::Algorithm::HS256;
-    let defects: Vec<(&str, String)> = vec![
+    let unchanged = |_: &mut Value| {};
+    let claim = |name: &'static str, value: Value| {
+        move |c: &mut Value| {
+            c[name] = value.clone();
+        }
+    };
+    let mut defects: Vec<(&str, String)> = vec![
         ("a scheme with no token", "Bearer".into()),
         ("another scheme", "Basic b3BzOm9wcw==".into()),
         ("not a JWT", "Bearer not.a.jwt".into()),
         (
             "another secret",
-            format!(
-                "Bearer {}",
-                sign(
-                    &claims(&|_| {}),
-                    "another-secret-of-32-bytes-or-longer!",
-                    hs256
-                )
-            ),
+            signed(&unchanged, "another-secret-of-32-bytes-or-longer!", hs256),
         ),
         (
             "another algorithm",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|_| {}), SECRET, jsonwebtoken::Algorithm::HS512)
-            ),
-        ),
-        (
-            "expired",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["exp"] = json!(now() - 3600)), SECRET, hs256)
-            ),
-        ),
-        (
-            "not yet valid",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["nbf"] = json!(now() + 3600)), SECRET, hs256)
-            ),
-        ),
-        (
-            "another issuer",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["iss"] = json!("else")), SECRET, hs256)
-            ),
-        ),
-        (
-            "another audience",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["aud"] = json!("else")), SECRET, hs256)
-            ),
+            signed(&unchanged, SECRET, jsonwebtoken::Algorithm::HS512),
         ),
         (
             "no expiry",
-            format!(
-                "Bearer {}",
-                sign(
-                    &claims(&|c| {
-                        c.as_object_mut().unwrap().remove("exp");
-                    }),
-                    SECRET,
-                    hs256
-                )
-            ),
-        ),
-        (
-            "an unknown role",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["role"] = json!("root")), SECRET, hs256)
-            ),
-        ),
-        (
-            "a sub with blanks",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["sub"] = json!(" ops")), SECRET, hs256)
-            ),
-        ),
-        (
-            "a sub with NUL",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["sub"] = json!("o\u{0}ps")), SECRET, hs256)
-            ),
-        ),
-        (
-            "an empty sub",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["sub"] = json!("")), SECRET, hs256)
-            ),
-        ),
-        (
-            "a sub that is a number",
-            format!(
-                "Bearer {}",
-                sign(&claims(&|c| c["sub"] = json!(7)), SECRET, hs256)
+            signed(
+                &|c| drop(c.as_object_mut().unwrap().remove("exp")),
+                SECRET,
+                hs256,
             ),
         ),
     ];
+    for (defect, name, value) in [
+        ("expired", "exp", json!(now() - 3600)),
+        ("not yet valid", "nbf", json!(now() + 3600)),
+        ("another issuer", "iss", json!("else")),
+        ("another audience", "aud", json!("else")),
+        ("an unknown role", "role", json!("root")),
+        ("a sub with blanks", "sub", json!(" ops")),
+        ("a sub with NUL", "sub", json!("o\u{0}ps")),
+        ("an empty sub", "sub", json!("")),
+        ("a sub that is a number", "sub", json!(7)),
+    ] {
+        defects.push((defect, signed(&claim(name, value), SECRET, hs256)));
+    }
     for route in &routes {
         let body = route.body.as_ref().map(Value::to_string);
         let body = body.as_deref().map(str::as_bytes);
