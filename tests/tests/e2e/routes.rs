@@ -385,7 +385,10 @@ async fn malformed_and_oversized_input_on_every_route_is_a_problem_never_a_5xx()
                 }
             }
         }
-        if route.method == Method::POST {
+        // Bodies only where the route reads one: a route that takes none (the admin actions)
+        // may answer before the client has written it all and close the connection, which a
+        // client then sees as a broken pipe, not as an answer.
+        if route.method == Method::POST && !route.path.starts_with("/api/v1/admin/") {
             let huge = format!("{{\"note\": \"{}\"}}", "x".repeat(70 * 1024));
             for (what, body) in [
                 ("an oversized body", huge.as_bytes()),
