@@ -146,21 +146,37 @@ const LEASE_CLASS: i32 = 8102;
 
 /// Turns NOTIFYs on the events channel into wake-ups. When the listener connection fails the
 /// consumers still poll, so this only retries.
-async fn listen(pool: PgPool, wake: watch::Sender<u64>, mut stopped: watch::Receiver<bool>) {
+async fn listen(pool: PgPool, wake: watch::Sender<u64>, stopped: watch::Receiver<bool>) {
+    forward_notifications(&pool, NOTIFY_CHANNEL, stopped, |_| {
+        wake.send_modify(|n| *n = n.wrapping_add(1));
+    })
+    .await;
+}
+
+/// Listens on `channel` until `stopped` turns `true`, calling `notified` with each
+/// notification's payload, and with `None` each time the listener (re)connects: whatever was
+/// notified while no listener was there must be looked for again. A lost connection is
+/// retried every second. One listener per process serves every waiter of that channel.
+pub async fn forward_notifications(
+    pool: &PgPool,
+    channel: &str,
+    mut stopped: watch::Receiver<bool>,
+    mut notified: impl FnMut(Option<&str>),
+) {
     loop {
         let listener = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(NOTIFY_CHANNEL).await?;
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(channel).await?;
+            notified(None);
             loop {
-                listener.recv().await?;
-                wake.send_modify(|n| *n = n.wrapping_add(1));
+                notified(Some(listener.recv().await?.payload()));
             }
         };
         tokio::select! {
             result = listener => {
                 let result: sqlx::Result<()> = result;
                 if let Err(e) = result {
-                    tracing::warn!(error = %e, "event listener lost; polling until it is back");
+                    tracing::warn!(channel, error = %e, "listener lost; retrying in a second");
                 }
             }
             _ = stopped.changed() => return,

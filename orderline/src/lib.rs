@@ -77,16 +77,11 @@ pub fn cors_origin(origin: &str) -> Result<axum::http::HeaderValue, String> {
 /// send the token, the idempotency key and the request ids, and read the position, request-id,
 /// rate-limit and `Location`/`Retry-After` headers. Credentials (cookies) are not used by the
 /// API and are not allowed.
-fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+fn cors(origins: &[axum::http::HeaderValue]) -> tower_http::cors::CorsLayer {
     use axum::http::{header, HeaderName, Method};
     let name = HeaderName::from_static;
     tower_http::cors::CorsLayer::new()
-        .allow_origin(
-            origins
-                .iter()
-                .filter_map(|o| cors_origin(o).ok())
-                .collect::<Vec<_>>(),
-        )
+        .allow_origin(origins.to_vec())
         .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers([
             header::AUTHORIZATION,
@@ -119,6 +114,7 @@ pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates) -> Router {
         pool: pool.clone(),
         keys,
         live: updates,
+        waiters: std::sync::Arc::new(tokio::sync::Semaphore::new(query_api::MAX_WAITERS)),
     });
     let router = Router::new()
         .route("/health/live", get(live))
@@ -207,21 +203,17 @@ impl Application {
             true => Some(tokio::net::TcpListener::bind(addr).await?),
             false => None,
         };
-        let (live, handle) = match parts.api {
+        let (router, live) = match parts.api {
             true => {
-                let (live, handle) = LiveUpdates::spawn(pool.clone());
-                (Some(live), Some(handle))
+                let (updates, handle) = LiveUpdates::spawn(pool.clone());
+                (app(pool.clone(), keys, updates), Some(handle))
             }
-            false => (None, None),
-        };
-        let router = match live {
-            Some(live) => app(pool.clone(), keys, live),
-            None => Router::new(),
+            false => (Router::new(), None),
         };
         Ok(Self {
             listener,
             router,
-            live: handle,
+            live,
             gateway: Arc::new(SimulatedGateway::new(pool.clone())),
             pool,
             parts,
@@ -245,10 +237,10 @@ impl Application {
         self
     }
 
-    /// Lets browser front-ends on `origins` call the API (see [`cors_origin`] for the form);
-    /// none: no cross-origin access, and a preflight is refused.
+    /// Lets browser front-ends on `origins` (checked by [`cors_origin`]) call the API; none:
+    /// no cross-origin access, and a preflight is refused.
     #[must_use]
-    pub fn with_cors_origins(mut self, origins: &[String]) -> Self {
+    pub fn with_cors_origins(mut self, origins: &[axum::http::HeaderValue]) -> Self {
         if !origins.is_empty() {
             self.router = self.router.layer(cors(origins));
         }

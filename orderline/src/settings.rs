@@ -69,7 +69,7 @@ pub struct Settings {
     pub smtp: Option<integrations::notifications::SmtpConfig>,
     /// Browser origins allowed to call the API from another origin (`ORDERLINE_CORS_ORIGINS`,
     /// comma-separated, each `scheme://host[:port]`); empty (unset): no cross-origin access.
-    pub cors_origins: Vec<String>,
+    pub cors_origins: Vec<axum::http::HeaderValue>,
 }
 
 /// The payment provider the fulfillment saga talks to.
@@ -238,12 +238,10 @@ impl Settings {
                 .map(str::trim)
                 .filter(|o| !o.is_empty())
                 .map(|origin| {
-                    crate::cors_origin(origin)
-                        .map(|_| origin.to_owned())
-                        .map_err(|problem| SettingsError {
-                            name: "ORDERLINE_CORS_ORIGINS",
-                            problem,
-                        })
+                    crate::cors_origin(origin).map_err(|problem| SettingsError {
+                        name: "ORDERLINE_CORS_ORIGINS",
+                        problem,
+                    })
                 })
                 .collect::<Result<_, _>>()?,
         };

@@ -100,7 +100,7 @@ async fn page<T: From<InventoryRow>>(
     let consistency = Consistency {
         min_position: query.min_position,
     };
-    let cursor = reached(&state.pool, PROJECTION, &consistency).await?;
+    let cursor = reached(state, PROJECTION, &consistency).await?;
     let rows: Vec<Value> = sqlx::query_scalar(
         "SELECT to_jsonb(t) FROM rm_inventory t
           WHERE ($1::text IS NULL OR sku > $1) AND (NOT $2 OR low_stock)
@@ -139,7 +139,7 @@ pub async fn product(
     Path(sku): Path<String>,
     Query(consistency): Query<Consistency>,
 ) -> Result<Read<ProductView>, ApiError> {
-    let cursor = reached(&state.pool, PROJECTION, &consistency).await?;
+    let cursor = reached(&state, PROJECTION, &consistency).await?;
     Ok(Read {
         position: cursor.position,
         body: row(&state, &sku).await?.into(),
@@ -168,7 +168,7 @@ pub async fn level(
     Path(sku): Path<String>,
     Query(consistency): Query<Consistency>,
 ) -> Result<Read<LevelView>, ApiError> {
-    let cursor = reached(&state.pool, PROJECTION, &consistency).await?;
+    let cursor = reached(&state, PROJECTION, &consistency).await?;
     Ok(Read {
         position: cursor.position,
         body: row(&state, &sku).await?.into(),

@@ -31,11 +31,9 @@ use event_store::log::Cursor;
 /// Longest `min_position` wait before 503.
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// Most requests of this process that may wait for `min_position` at once; one more is
+/// Most requests of one server that may wait for `min_position` at once; one more is
 /// answered 503 at once, so waiting clients cannot pile up connections and tasks.
 pub const MAX_WAITERS: usize = 256;
-
-static WAITERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_WAITERS);
 
 /// The header naming the position a read model has reached.
 pub static POSITION_HEADER: HeaderName = HeaderName::from_static("x-orderline-position");
@@ -49,6 +47,8 @@ pub struct QueryState {
     pub keys: TokenKeys,
     /// The process's fan-out of read-model moves to long-lived streams.
     pub live: live::LiveUpdates,
+    /// Places for requests waiting on `min_position` ([`MAX_WAITERS`]).
+    pub waiters: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl FromRef<QueryState> for TokenKeys {
@@ -127,7 +127,7 @@ impl<T: Serialize> IntoResponse for Read<T> {
 /// within [`MAX_WAIT`], when it is beyond the log's head, or when [`MAX_WAITERS`] requests
 /// already wait; 500 on database failure.
 pub async fn reached(
-    pool: &PgPool,
+    state: &QueryState,
     projection: &str,
     consistency: &Consistency,
 ) -> Result<Cursor, ApiError> {
@@ -154,7 +154,7 @@ pub async fn reached(
         )
         .bind(projection)
         .bind(consistency.min_position)
-        .fetch_one(pool)
+        .fetch_one(&state.pool)
         .await?;
         if applied {
             return Ok(Cursor {
@@ -169,7 +169,7 @@ pub async fn reached(
             )));
         }
         if waiting.is_none() {
-            waiting = Some(WAITERS.try_acquire().map_err(|_| {
+            waiting = Some(state.waiters.try_acquire().map_err(|_| {
                 ApiError::Unavailable(format!(
                     "{MAX_WAITERS} requests already wait for read models here; retry"
                 ))

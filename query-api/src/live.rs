@@ -8,14 +8,10 @@
 //! the listener's connection breaks, every stream is woken once it is back, so nothing that
 //! happened meanwhile is missed.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use event_store::subscription::CHECKPOINT_CHANNEL;
+use event_store::subscription::{forward_notifications, CHECKPOINT_CHANNEL};
 
 /// What streams wait on: how often each read model has moved, and whether the server closes.
 #[derive(Clone)]
@@ -111,37 +107,13 @@ impl Drop for LiveHandle {
     }
 }
 
-async fn listen(pool: PgPool, orders: watch::Sender<u64>, mut closing: watch::Receiver<bool>) {
-    let orders = Arc::new(orders);
-    loop {
-        let run = {
-            let orders = orders.clone();
-            let pool = pool.clone();
-            async move {
-                let mut listener = PgListener::connect_with(&pool).await?;
-                listener.listen(CHECKPOINT_CHANNEL).await?;
-                // Whatever moved while no listener was there is found by reading again.
-                orders.send_modify(|n| *n = n.wrapping_add(1));
-                loop {
-                    let notification = listener.recv().await?;
-                    if notification.payload() == "orders" {
-                        orders.send_modify(|n| *n = n.wrapping_add(1));
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            result = run => {
-                let result: sqlx::Result<()> = result;
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "live-updates listener lost; reconnecting");
-                }
-            }
-            _ = closing.changed() => return,
+async fn listen(pool: PgPool, orders: watch::Sender<u64>, closing: watch::Receiver<bool>) {
+    forward_notifications(&pool, CHECKPOINT_CHANNEL, closing, |payload| {
+        // `None` is a (re)connect: whatever moved while no listener was there is found by
+        // reading again.
+        if payload.is_none_or(|consumer| consumer == "orders") {
+            orders.send_modify(|n| *n = n.wrapping_add(1));
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = closing.changed() => return,
-        }
-    }
+    })
+    .await;
 }

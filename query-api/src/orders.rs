@@ -108,7 +108,7 @@ pub async fn one(
             (position, visible(&actor, row)?)
         }
         Some(_) => {
-            let cursor = reached(&state.pool, PROJECTION, &consistency).await?;
+            let cursor = reached(&state, PROJECTION, &consistency).await?;
             (
                 cursor.position,
                 visible_order(&state.pool, &actor, id).await?,
@@ -197,7 +197,7 @@ pub async fn list(
     let consistency = Consistency {
         min_position: query.min_position,
     };
-    let cursor = reached(&state.pool, PROJECTION, &consistency).await?;
+    let cursor = reached(&state, PROJECTION, &consistency).await?;
     let rows: Vec<Value> = sqlx::query_scalar(
         "SELECT to_jsonb(t) FROM rm_orders t
           WHERE ($1::text IS NULL OR customer_id = $1)
@@ -291,7 +291,7 @@ pub async fn updates(
     Query(consistency): Query<Consistency>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = id.as_uuid();
-    reached(&state.pool, PROJECTION, &consistency).await?;
+    reached(&state, PROJECTION, &consistency).await?;
     visible_order(&state.pool, &actor, id).await?;
     let pool = state.pool.clone();
     let live = state.live.subscribe();

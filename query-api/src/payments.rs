@@ -36,7 +36,7 @@ pub async fn one(
 ) -> Result<Read<PaymentView>, ApiError> {
     let not_found = || ApiError::NotFound("payment not found".into());
     let id = id.as_uuid();
-    let cursor = reached(&state.pool, "payments", &consistency).await?;
+    let cursor = reached(&state, "payments", &consistency).await?;
     let row: Option<Value> =
         sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_payments t WHERE order_id = $1")
             .bind(id)

@@ -204,7 +204,11 @@ impl TestApp {
 
     /// Starts another API (only) on the same database that lets browser front-ends on
     /// `origins` call it, and returns its address. It stops when the test's runtime ends.
-    pub async fn spawn_api_with_cors(&self, origins: &[String]) -> String {
+    pub async fn spawn_api_with_cors(&self, origins: &[&str]) -> String {
+        let origins: Vec<_> = origins
+            .iter()
+            .map(|o| orderline::cors_origin(o).expect("an origin"))
+            .collect();
         let app = orderline::Application::new(
             ([127, 0, 0, 1], 0).into(),
             self.pool.clone(),
@@ -216,7 +220,7 @@ impl TestApp {
         )
         .await
         .expect("bind")
-        .with_cors_origins(origins);
+        .with_cors_origins(&origins);
         let address = format!("http://{}", app.local_addr().expect("address"));
         tokio::spawn(app.run_until(std::future::pending()));
         address

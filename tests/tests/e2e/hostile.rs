@@ -34,9 +34,8 @@ async fn problem(response: Response, status: StatusCode, field: Option<&str>) ->
     body
 }
 
-/// A token signed with the server's secret from raw claims (what another issuer might send).
-fn signed(app: &TestApp, secret: &str, claims: &Value) -> String {
-    let _ = app;
+/// A token signed with `secret` from raw claims (what another issuer might send).
+fn signed(secret: &str, claims: &Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         claims,
@@ -239,26 +238,26 @@ async fn tokens_follow_rfc_7519_for_iat_nbf_and_aud() {
     let mut no_iat = base.clone();
     no_iat["aud"] = json!(ISSUER);
     assert_eq!(
-        get(signed(&app, secret, &no_iat)).await.unwrap().status(),
+        get(signed(secret, &no_iat)).await.unwrap().status(),
         StatusCode::OK
     );
     let mut listed = base.clone();
     listed["aud"] = json!(["shop", ISSUER]);
     assert_eq!(
-        get(signed(&app, secret, &listed)).await.unwrap().status(),
+        get(signed(secret, &listed)).await.unwrap().status(),
         StatusCode::OK
     );
     let mut early = no_iat.clone();
     early["nbf"] = json!(in_an_hour());
-    let refused = get(signed(&app, secret, &early)).await.unwrap();
+    let refused = get(signed(secret, &early)).await.unwrap();
     problem(refused, StatusCode::UNAUTHORIZED, None).await;
     let mut blank = no_iat;
     blank["sub"] = json!("alice ");
-    let refused = get(signed(&app, secret, &blank)).await.unwrap();
+    let refused = get(signed(secret, &blank)).await.unwrap();
     problem(refused, StatusCode::UNAUTHORIZED, None).await;
     let mut nul = listed;
     nul["sub"] = json!("al\u{0}ice");
-    let refused = get(signed(&app, secret, &nul)).await.unwrap();
+    let refused = get(signed(secret, &nul)).await.unwrap();
     problem(refused, StatusCode::UNAUTHORIZED, None).await;
 }
 
@@ -295,9 +294,7 @@ async fn cross_origin_calls_need_an_allowed_origin() {
         .get("access-control-allow-origin")
         .is_none());
     problem(refused, StatusCode::METHOD_NOT_ALLOWED, None).await;
-    let shop = app
-        .spawn_api_with_cors(&["https://shop.example".to_owned()])
-        .await;
+    let shop = app.spawn_api_with_cors(&["https://shop.example"]).await;
     let allowed = preflight(shop.clone(), "https://shop.example")
         .await
         .unwrap();
