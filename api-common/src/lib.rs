@@ -6,3 +6,4 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod ids;
+pub mod position;

@@ -9,8 +9,8 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use event_store::log::{self, Cursor, LogEvent};
-use event_store::subscription::{RunnerConfig, Subscriptions};
+use event_log::subscription::{RunnerConfig, Subscriptions};
+use event_log::{Cursor, LogEvent};
 use kafka_relay::{headers, KafkaRelay, RelayConfig};
 
 use crate::{generate, round, seconds};
@@ -23,7 +23,7 @@ pub async fn run(pool: &PgPool, events: u64, brokers: &str) -> anyhow::Result<Ve
     let mut conn = pool.acquire().await?;
     let mut cursor = Cursor::default();
     loop {
-        let page = log::read_page(&mut conn, cursor, 5000).await?;
+        let page = event_log::read_page(&mut conn, cursor, 5000).await?;
         let Some(last) = page.last() else { break };
         cursor = last.cursor();
         log.extend(page);

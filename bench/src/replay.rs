@@ -6,7 +6,7 @@ use futures::TryStreamExt;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use event_store::log::{self, Cursor};
+use event_log::Cursor;
 use projections::rebuild::{self, RebuildLock};
 
 use crate::{generate, round, seconds};
@@ -27,7 +27,7 @@ pub async fn run(pool: &PgPool, events: u64) -> anyhow::Result<Vec<Value>> {
     let started = Instant::now();
     let sql = format!(
         "SELECT {} FROM events ORDER BY events.transaction_id, events.position",
-        log::LOG_EVENT_COLUMNS
+        event_log::LOG_EVENT_COLUMNS
     );
     let rows = sqlx::query(&sql)
         .fetch(pool)
@@ -44,7 +44,7 @@ pub async fn run(pool: &PgPool, events: u64) -> anyhow::Result<Vec<Value>> {
     let mut conn = pool.acquire().await?;
     let (mut cursor, mut read) = (Cursor::default(), 0u64);
     loop {
-        let page = log::read_page(&mut conn, cursor, rebuild::PAGE).await?;
+        let page = event_log::read_page(&mut conn, cursor, rebuild::PAGE).await?;
         let Some(last) = page.last() else { break };
         cursor = last.cursor();
         read += page.len() as u64;

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cqrs_es::event_sink::EventSink;
 use rand::Rng;
 use serde_json::Value;
 
-use event_store::idempotency::{self, StoredAnswer};
 use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
 
+use crate::idempotency::{self, StoredAnswer};
 use crate::CommandState;
 use api_common::auth::Actor;
 use api_common::error::ApiError;
@@ -157,7 +156,7 @@ where
         // One connection, four round trips: BEGIN with the aggregate's write lock, the load
         // (snapshot and the events after it), the append, COMMIT. Writers in other processes
         // take turns on the lock, so the state decided on is current.
-        let (mut tx, loaded) = store.begin_locked::<A>(id).await?;
+        let (mut tx, mut loaded) = store.begin_locked::<A>(id).await?;
         if let Some(key) = envelope.idempotency_key {
             if !idempotency::try_lock(&mut tx, caller, key).await? {
                 return Err(ApiError::Conflict(
@@ -168,33 +167,31 @@ where
                 return envelope.replay(stored);
             }
         }
-        let mut after = loaded.aggregate.clone();
-        let sink = EventSink::<A>::default();
-        after
-            .handle(command(&loaded.aggregate)?, &(), &sink)
+        let command = command(&loaded.aggregate)?;
+        let decided = match loaded
+            .decide_and_append(&mut tx, id, command, &metadata)
             .await
-            .map_err(ApiError::from)?;
-        let events = sink.collect().await;
-        let position = if events.is_empty() {
-            EventStore::stream_position::<A>(&mut tx, id).await?
-        } else {
-            match EventStore::append(&mut tx, id, &loaded, &after, &events, &metadata).await {
-                Ok(appended) => appended.position,
-                Err(StoreError::Conflict) => {
-                    tx.rollback().await?;
-                    tracing::debug!(
-                        aggregate = A::TYPE,
-                        id,
-                        attempt,
-                        "append conflict, retrying"
-                    );
-                    tokio::time::sleep(backoff(attempt)).await;
-                    continue;
-                }
-                Err(other) => return Err(other.into()),
+        {
+            Ok(decided) => decided.map_err(ApiError::from)?,
+            Err(StoreError::Conflict) => {
+                tx.rollback().await?;
+                tracing::debug!(
+                    aggregate = A::TYPE,
+                    id,
+                    attempt,
+                    "append conflict, retrying"
+                );
+                tokio::time::sleep(backoff(attempt)).await;
+                continue;
             }
+            Err(other) => return Err(other.into()),
         };
-        let answer = answer(&after, position);
+        let position = match decided.appended {
+            Some(appended) => appended.position,
+            None => EventStore::stream_position::<A>(&mut tx, id).await?,
+        };
+        let after = &loaded.aggregate;
+        let answer = answer(after, position);
         if let Some(key) = envelope.idempotency_key {
             let stored = StoredAnswer {
                 request_hash: envelope.fingerprint.to_vec(),

@@ -6,6 +6,7 @@
 //! with [`executor::execute`], which answers once the events are committed.
 
 pub mod executor;
+pub mod idempotency;
 pub mod request;
 pub mod routes;
 

@@ -11,7 +11,6 @@
 use std::any::Any;
 use std::collections::HashMap;
 
-use cqrs_es::event_sink::EventSink;
 use sqlx::PgConnection;
 
 use crate::{EventStore, Loaded, Metadata, StoreError, StoredAggregate};
@@ -85,20 +84,11 @@ impl UnitOfWork {
             Some(loaded) => *loaded,
             None => EventStore::lock_and_load::<A>(conn, id).await?,
         };
-        let mut after = loaded.aggregate.clone();
-        let sink = EventSink::<A>::default();
-        let decided = after.handle(command, &(), &sink).await;
-        let events = sink.collect().await;
-        if decided.is_ok() && !events.is_empty() {
-            let appended = EventStore::append(conn, id, &loaded, &after, &events, metadata).await?;
-            if appended.snapshotted {
-                loaded.snapshot_version = appended.version;
-            }
-            loaded.version = appended.version;
-            loaded.last_hash = Some(appended.last_hash);
-            loaded.aggregate = after;
-        }
+        let decided = loaded
+            .decide_and_append(conn, id, command, metadata)
+            .await?
+            .map(|decided| decided.events);
         self.loaded.insert(key, Box::new(loaded));
-        Ok(decided.map(|()| events))
+        Ok(decided)
     }
 }

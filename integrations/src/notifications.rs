@@ -13,9 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use lettre::message::Mailbox;
 use lettre::transport::smtp::AsyncSmtpTransport;
 use lettre::{AsyncTransport, Message, Tokio1Executor};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
@@ -347,19 +349,95 @@ async fn send_one(
     Ok(true)
 }
 
+/// What `retry` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retried {
+    /// It was parked and is pending again.
+    Yes,
+    /// It exists but is not parked (pending or sent).
+    NotParked,
+    /// There is no notification for that event.
+    NotFound,
+}
+
 /// Puts a parked notification back in the queue (an operator fixed the mail server).
-///
-/// Returns whether it was parked.
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn retry(pool: &PgPool, event_id: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE notifications SET state = 'pending', attempts = 0, next_attempt_at = now()
-          WHERE event_id = $1 AND state = 'parked'",
+pub async fn retry(pool: &PgPool, event_id: Uuid) -> sqlx::Result<Retried> {
+    let (retried, exists): (bool, bool) = sqlx::query_as(
+        "WITH retried AS (
+            UPDATE notifications SET state = 'pending', attempts = 0, next_attempt_at = now()
+             WHERE event_id = $1 AND state = 'parked'
+         RETURNING 1)
+         SELECT EXISTS (SELECT 1 FROM retried),
+                EXISTS (SELECT 1 FROM notifications WHERE event_id = $1)",
     )
     .bind(event_id)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(match (retried, exists) {
+        (true, _) => Retried::Yes,
+        (false, true) => Retried::NotParked,
+        (false, false) => Retried::NotFound,
+    })
+}
+
+/// One notification as operators see it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct NotificationView {
+    /// The event that caused it (its key: one notification per event, ever).
+    pub event_id: Uuid,
+    /// Which notification (`order_confirmed`, `low_stock`, ...).
+    pub kind: String,
+    /// Who it goes to.
+    pub recipient: String,
+    /// Its subject line.
+    pub subject: String,
+    /// `pending`, `sent` or `parked`.
+    pub state: String,
+    /// Failed attempts so far.
+    pub attempts: i32,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// When the sender tries it next (while pending).
+    pub next_attempt_at: DateTime<Utc>,
+    /// When the event was turned into it.
+    pub created_at: DateTime<Utc>,
+    /// When it went out.
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// The newest `limit` notifications, in `state` if given (`pending`, `sent` or `parked`).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn list(
+    pool: &PgPool,
+    state: Option<&str>,
+    limit: i64,
+) -> sqlx::Result<Vec<NotificationView>> {
+    sqlx::query_as(
+        "SELECT event_id, kind, recipient, subject, state, attempts, last_error, next_attempt_at,
+                created_at, sent_at
+           FROM notifications WHERE ($1::text IS NULL OR state = $1)
+          ORDER BY created_at DESC LIMIT $2",
+    )
+    .bind(state)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Notifications waiting or parked (the `sent` ones are history), counted by the partial
+/// indexes. Public so that tests can check its plan on a large table.
+pub const WAITING_SQL: &str = "SELECT state, count(*) FROM notifications
+  WHERE state IN ('pending', 'parked') GROUP BY state ORDER BY state";
+
+/// How many notifications are pending and parked, by state (for `/metrics`).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn count_waiting(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(WAITING_SQL).fetch_all(pool).await
 }

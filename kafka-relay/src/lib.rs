@@ -35,8 +35,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use event_store::log::LogEvent;
-use event_store::subscription::{Consumer, ConsumerError, Transient};
+use event_log::subscription::{Consumer, ConsumerError, Transient};
+use event_log::LogEvent;
 
 /// The relay's consumer name: its checkpoint and lease.
 pub const CONSUMER_NAME: &str = "kafka-relay";

@@ -3,10 +3,10 @@
 //! [`app`] builds the router (command and query routes, health, problem+json fallbacks) and
 //! [`Application`] runs the parts of the server: the HTTP API on a port, the projections
 //! following the log, the fulfillment saga (its log consumer and its gateway worker) and the
-//! Kafka relay. The binary (`main.rs`) adds settings, the private Postgres cluster,
-//! migrations and signal handling. Tests use [`Application`] on port 0.
+//! Kafka relay. The binary (`main.rs`, `cli/`) adds the commands; [`database`] is the one
+//! open/migrate/close path, over [`settings`] and the private cluster ([`local_postgres`]). Tests use [`Application`] on port 0.
 
-pub mod audit;
+pub mod database;
 pub mod local_postgres;
 pub mod settings;
 
@@ -22,11 +22,12 @@ use axum::{Json, Router};
 use serde_json::json;
 use sqlx::PgPool;
 
+use admin_api::AdminState;
 use api_common::auth::TokenKeys;
 use api_common::error::ApiError;
 use api_common::ids;
 use command_api::CommandState;
-use event_store::subscription::{Consumer, RunnerConfig, Subscriptions};
+use event_log::subscription::{Consumer, RunnerConfig, Subscriptions};
 use event_store::EventStore;
 use kafka_relay::{KafkaRelay, RelayConfig};
 use query_api::live::{LiveHandle, LiveUpdates};
@@ -110,6 +111,10 @@ pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates) -> Router {
         keys: keys.clone(),
         locks: Default::default(),
     });
+    let admin = admin_api::router(AdminState {
+        pool: pool.clone(),
+        keys: keys.clone(),
+    });
     let queries = query_api::router(QueryState {
         pool: pool.clone(),
         keys,
@@ -122,6 +127,7 @@ pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates) -> Router {
         .with_state(pool)
         .merge(commands)
         .merge(queries)
+        .merge(admin)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn(ids::assign_ids));
@@ -143,7 +149,7 @@ async fn ready(State(pool): State<PgPool>) -> Result<impl IntoResponse, ApiError
 }
 
 /// Which parts of the server a process runs. Several processes may share one database: each
-/// projection is applied by exactly one of them at a time (see `event_store::subscription`).
+/// projection is applied by exactly one of them at a time (see `event_log::subscription`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parts {
     /// Serve the HTTP API.

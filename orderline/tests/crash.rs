@@ -193,7 +193,7 @@ async fn a_projection_killed_before_its_commit_applies_nothing_twice() {
 
     // The projections process dies after writing the orders page and its checkpoint, before
     // the commit.
-    let crash = [("ORDERLINE_CRASH_BEFORE_CHECKPOINT_COMMIT", "orders")];
+    let crash = [("ORDERLINE_CRASH_AT", "before_checkpoint_commit:orders")];
     let mut doomed = orderline(
         &url,
         free_port(),

@@ -27,10 +27,10 @@ const TOKENS: [&str; 6] = [
 ];
 /// Where a runner is made to die, as (variable, value).
 const CRASH_POINTS: [(&str, &str); 4] = [
-    ("ORDERLINE_CRASH_BEFORE_CHECKPOINT_COMMIT", "fulfillment"),
-    ("ORDERLINE_SAGA_CRASH_AT", "before_gateway_call"),
-    ("ORDERLINE_SAGA_CRASH_AT", "after_gateway_call"),
-    ("ORDERLINE_SAGA_CRASH_AT", "after_gateway_record"),
+    ("ORDERLINE_CRASH_AT", "before_checkpoint_commit:fulfillment"),
+    ("ORDERLINE_CRASH_AT", "before_gateway_call"),
+    ("ORDERLINE_CRASH_AT", "after_gateway_call"),
+    ("ORDERLINE_CRASH_AT", "after_gateway_record"),
 ];
 
 mod support;

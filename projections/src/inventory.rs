@@ -4,11 +4,11 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 use aggregates::inventory::ProductEvent;
-use event_store::log::LogEvent;
-use event_store::subscription::ConsumerError;
+use event_log::subscription::ConsumerError;
+use event_log::LogEvent;
 
 use crate::rows::{self, Orphan, TableShape};
 use crate::Projection;
@@ -117,4 +117,40 @@ fn fold(rows: &mut HashMap<String, InventoryRow>, event: &LogEvent) -> Result<bo
     row.available = row.on_hand - row.reserved;
     row.low_stock = row.available <= row.low_stock_threshold;
     Ok(true)
+}
+
+/// SKU `sku`'s row, if the projection has it.
+///
+/// # Errors
+/// The database error, or a row that does not decode.
+pub async fn get(pool: &PgPool, sku: &str) -> sqlx::Result<Option<InventoryRow>> {
+    let row: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_inventory t WHERE sku = $1")
+            .bind(sku)
+            .fetch_optional(pool)
+            .await?;
+    row.map(crate::read::decode).transpose()
+}
+
+/// Up to `limit` SKUs after `after`, in SKU order; only those low on stock if `low_stock`.
+///
+/// # Errors
+/// The database error, or a row that does not decode.
+pub async fn list(
+    pool: &PgPool,
+    after: Option<&str>,
+    low_stock: bool,
+    limit: i64,
+) -> sqlx::Result<Vec<InventoryRow>> {
+    let rows: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(t) FROM rm_inventory t
+          WHERE ($1::text IS NULL OR sku > $1) AND (NOT $2 OR low_stock)
+          ORDER BY sku LIMIT $3",
+    )
+    .bind(after)
+    .bind(low_stock)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(crate::read::decode).collect()
 }

@@ -17,13 +17,14 @@
 pub mod inventory;
 pub mod orders;
 pub mod payments;
+pub mod read;
 pub mod rebuild;
 mod rows;
 
 use std::sync::Arc;
 
-use event_store::log::LogEvent;
-use event_store::subscription::{Consumer, ConsumerError};
+use event_log::subscription::{Consumer, ConsumerError};
+use event_log::LogEvent;
 use sqlx::PgConnection;
 
 /// A read model built from the log into one table.

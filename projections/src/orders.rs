@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use aggregates::order::{OrderEvent, OrderStatus};
-use event_store::log::LogEvent;
-use event_store::subscription::ConsumerError;
+use event_log::subscription::ConsumerError;
+use event_log::LogEvent;
 
 use crate::rows::{self, Orphan, TableShape};
 use crate::Projection;
@@ -145,4 +145,58 @@ fn fold(rows: &mut HashMap<String, OrderRow>, event: &LogEvent) -> Result<bool, 
     row.updated_at = at;
     row.history.push(StatusChange { status, at, reason });
     Ok(true)
+}
+
+/// One order's row as JSON text, where `$2` is the order id as text: read in the same
+/// statement as the projection's checkpoint (`event_log::checkpoints::cursor_with`), the hot
+/// path of `GET /api/v1/orders/{id}`.
+pub const ROW_AS_TEXT_SQL: &str =
+    "SELECT to_jsonb(t)::text FROM rm_orders t WHERE t.order_id = $2::uuid";
+
+/// Order `id`'s row, if the projection has it.
+///
+/// # Errors
+/// The database error, or a row that does not decode.
+pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<OrderRow>> {
+    let row: Option<Value> =
+        sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_orders t WHERE order_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(crate::read::decode).transpose()
+}
+
+/// Which orders to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// One customer's orders only.
+    pub customer_id: Option<String>,
+    /// Only orders in this status (`pending`, `confirmed`, ...).
+    pub status: Option<&'static str>,
+    /// Only orders placed before this `placed_position` (the previous page's last).
+    pub before: Option<i64>,
+    /// Most rows.
+    pub limit: i64,
+}
+
+/// The orders matching `filter`, newest (highest `placed_position`) first.
+///
+/// # Errors
+/// The database error, or a row that does not decode.
+pub async fn list(pool: &PgPool, filter: &ListFilter) -> sqlx::Result<Vec<OrderRow>> {
+    let rows: Vec<Value> = sqlx::query_scalar(
+        "SELECT to_jsonb(t) FROM rm_orders t
+          WHERE ($1::text IS NULL OR customer_id = $1)
+            AND ($2::text IS NULL OR status = $2)
+            AND ($3::bigint IS NULL OR placed_position < $3)
+          ORDER BY placed_position DESC
+          LIMIT $4",
+    )
+    .bind(&filter.customer_id)
+    .bind(filter.status)
+    .bind(filter.before)
+    .bind(filter.limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(crate::read::decode).collect()
 }

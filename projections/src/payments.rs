@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use aggregates::order::OrderEvent;
 use aggregates::payment::{AttemptOutcome, PaymentEvent, PaymentStatus};
-use event_store::log::LogEvent;
-use event_store::subscription::ConsumerError;
+use event_log::subscription::ConsumerError;
+use event_log::LogEvent;
 
 use crate::rows::{self, Orphan, TableShape};
 use crate::Projection;
@@ -229,4 +229,17 @@ fn fold(rows: &mut HashMap<String, PaymentRow>, event: &LogEvent) -> Result<bool
         });
     }
     Ok(true)
+}
+
+/// The payment row of order `order_id`, if the projection has it.
+///
+/// # Errors
+/// The database error, or a row that does not decode.
+pub async fn get(pool: &sqlx::PgPool, order_id: Uuid) -> sqlx::Result<Option<PaymentRow>> {
+    let row: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_payments t WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(crate::read::decode).transpose()
 }

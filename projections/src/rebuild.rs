@@ -13,8 +13,10 @@ use std::time::Instant;
 
 use sqlx::{Connection, PgConnection, PgPool};
 
-use event_store::log::{self, Cursor};
-use event_store::subscription::{ensure_checkpoint, ConsumerError};
+use event_log::checkpoints;
+use event_log::subscription::ConsumerError;
+use event_log::Cursor;
+use event_store::locks;
 
 use crate::Projection;
 
@@ -23,9 +25,6 @@ pub const PAGE: i64 = 5000;
 
 /// How often a rebuild records how far it got (`rebuild_position`).
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The advisory-lock class of rebuild locks.
-const REBUILD_CLASS: i32 = 8103;
 
 /// Why a rebuild did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +62,7 @@ impl RebuildLock {
     /// [`RebuildError::AlreadyRunning`] if another rebuild of it holds the lock.
     pub async fn acquire(pool: &PgPool, projection: &dyn Projection) -> Result<Self, RebuildError> {
         let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
-            .bind(REBUILD_CLASS)
-            .bind(projection.name())
-            .fetch_one(&mut conn)
-            .await?;
-        if !taken {
+        if !locks::try_session(&mut conn, locks::REBUILD, projection.name()).await? {
             conn.close().await.ok();
             return Err(RebuildError::AlreadyRunning(projection.name().to_owned()));
         }
@@ -94,9 +88,7 @@ pub async fn rebuild(
     if result.is_err() {
         sqlx::query(&cleanup).execute(&mut lock).await.ok();
     }
-    sqlx::query("UPDATE checkpoints SET rebuild_position = NULL WHERE consumer = $1")
-        .bind(name)
-        .execute(&mut lock)
+    checkpoints::set_rebuild_position(&mut lock, name, None)
         .await
         .ok();
     lock.close().await.ok();
@@ -129,12 +121,9 @@ async fn fill_and_swap(
     let live = projection.table();
     let mut tx = conn.begin().await?;
     // Holding the checkpoint row stops the live consumer between pages.
-    sqlx::query("SELECT 1 FROM checkpoints WHERE consumer = $1 FOR UPDATE")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
+    checkpoints::lock(&mut tx, name).await?;
     loop {
-        let page = log::read_page(&mut tx, cursor, PAGE).await?;
+        let page = event_log::read_page(&mut tx, cursor, PAGE).await?;
         let Some(last) = page.last() else { break };
         cursor = last.cursor();
         events += page.len() as u64;
@@ -151,19 +140,7 @@ async fn fill_and_swap(
     ] {
         sqlx::query(&sql).execute(&mut *tx).await?;
     }
-    sqlx::query(
-        "UPDATE checkpoints
-            SET transaction_id = $2::text::xid8, position = $3, events_applied = $4,
-                state = 'running', last_error = NULL, parked_position = NULL,
-                rebuild_position = NULL, updated_at = now()
-          WHERE consumer = $1",
-    )
-    .bind(name)
-    .bind(cursor.transaction_id.to_string())
-    .bind(cursor.position)
-    .bind(i64::try_from(events).unwrap_or(i64::MAX))
-    .execute(&mut *tx)
-    .await?;
+    checkpoints::reset(&mut tx, name, cursor, events).await?;
     tx.commit().await?;
     progress(events, head.max(cursor.position));
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
@@ -186,7 +163,7 @@ async fn fill(
     let name = projection.name();
     let live = projection.table();
     let mut conn = pool.acquire().await?;
-    ensure_checkpoint(&mut conn, name).await?;
+    checkpoints::ensure(&mut conn, name).await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS {twin}"))
         .execute(&mut *conn)
         .await?;
@@ -214,19 +191,19 @@ async fn fill(
     .bind(live)
     .fetch_all(&mut *conn)
     .await?;
-    let head = log::head_position(&mut conn).await?;
+    let head = event_log::head_position(&mut conn).await?;
     // Pages are read on a second connection while the previous one is applied.
     let mut reader = pool.acquire().await?;
     let mut cursor = Cursor::default();
     let mut events = 0u64;
-    let mut page = log::read_page(&mut reader, cursor, PAGE).await?;
+    let mut page = event_log::read_page(&mut reader, cursor, PAGE).await?;
     let mut reported = Instant::now();
     while let Some(last) = page.last() {
         cursor = last.cursor();
         let more = page.len() as i64 == PAGE;
         let read_next = async {
             match more {
-                true => log::read_page(&mut reader, cursor, PAGE).await,
+                true => event_log::read_page(&mut reader, cursor, PAGE).await,
                 false => Ok(Vec::new()),
             }
         };
@@ -240,11 +217,7 @@ async fn fill(
                 .await
                 .map_err(RebuildError::Projection)?;
             if report_progress {
-                sqlx::query("UPDATE checkpoints SET rebuild_position = $2 WHERE consumer = $1")
-                    .bind(name)
-                    .bind(cursor.position)
-                    .execute(&mut *tx)
-                    .await?;
+                checkpoints::set_rebuild_position(&mut tx, name, Some(cursor.position)).await?;
             }
             tx.commit().await?;
             Ok::<_, RebuildError>(())
@@ -321,9 +294,7 @@ pub async fn compare(
         .execute(&mut lock)
         .await
         .ok();
-    sqlx::query("UPDATE checkpoints SET rebuild_position = NULL WHERE consumer = $1")
-        .bind(projection.name())
-        .execute(&mut lock)
+    checkpoints::set_rebuild_position(&mut lock, projection.name(), None)
         .await
         .ok();
     lock.close().await.ok();
@@ -345,17 +316,7 @@ async fn fill_and_compare(
     let live = projection.table();
     let mut tx = conn.begin().await?;
     // Stop the live consumer between pages, and read where it is.
-    let at: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, position FROM checkpoints
-          WHERE consumer = $1 FOR UPDATE",
-    )
-    .bind(name)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let live_cursor = at.map_or(Cursor::default(), |(transaction_id, position)| Cursor {
-        transaction_id,
-        position,
-    });
+    let live_cursor = checkpoints::lock(&mut tx, name).await?.unwrap_or_default();
     let behind = (live_cursor.transaction_id, live_cursor.position)
         < (cursor.transaction_id, cursor.position);
     if behind {
@@ -366,7 +327,7 @@ async fn fill_and_compare(
     }
     // The live table may have gone further while the twin was filled: catch the twin up to it.
     loop {
-        let page = log::read_page(&mut tx, cursor, PAGE).await?;
+        let page = event_log::read_page(&mut tx, cursor, PAGE).await?;
         let upto: Vec<_> = page
             .into_iter()
             .filter(|e| {

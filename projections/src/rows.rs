@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::PgConnection;
 
-use event_store::log::LogEvent;
-use event_store::subscription::ConsumerError;
+use event_log::subscription::ConsumerError;
+use event_log::LogEvent;
 
 /// How a projection's table is keyed and which columns an event can change.
 pub(crate) struct TableShape {

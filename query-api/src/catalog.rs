@@ -76,13 +76,9 @@ pub struct ListQuery {
 }
 
 async fn row(state: &QueryState, sku: &str) -> Result<InventoryRow, ApiError> {
-    let row: Option<Value> =
-        sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_inventory t WHERE sku = $1")
-            .bind(sku)
-            .fetch_optional(&state.pool)
-            .await?;
-    let row = row.ok_or_else(|| ApiError::NotFound("unknown sku".into()))?;
-    serde_json::from_value(row).map_err(|e| ApiError::Internal(e.to_string()))
+    projections::inventory::get(&state.pool, sku)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("unknown sku".into()))
 }
 
 /// SKUs after `cursor`, in SKU order.
@@ -101,21 +97,13 @@ async fn page<T: From<InventoryRow>>(
         min_position: query.min_position,
     };
     let cursor = reached(state, PROJECTION, &consistency).await?;
-    let rows: Vec<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(t) FROM rm_inventory t
-          WHERE ($1::text IS NULL OR sku > $1) AND (NOT $2 OR low_stock)
-          ORDER BY sku LIMIT $3",
+    let mut rows = projections::inventory::list(
+        &state.pool,
+        query.cursor.as_deref(),
+        query.low_stock.unwrap_or(false),
+        limit + 1,
     )
-    .bind(&query.cursor)
-    .bind(query.low_stock.unwrap_or(false))
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
     .await?;
-    let mut rows = rows
-        .into_iter()
-        .map(serde_json::from_value::<InventoryRow>)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let size = usize::try_from(limit).unwrap_or(usize::MAX);
     let more = rows.len() > size;
     rows.truncate(size);

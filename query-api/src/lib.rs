@@ -5,28 +5,24 @@
 //! position of the last event its read model applied, and `?min_position=N` waits (up to
 //! [`MAX_WAIT`]) until the read model has applied event N, else answers 503 with `Retry-After`.
 
-pub mod admin;
 pub mod catalog;
 pub mod live;
-pub mod metrics;
-pub mod notifications;
 pub mod orders;
 pub mod payments;
-pub mod sagas;
 
 use std::time::Duration;
 
 use axum::extract::FromRef;
-use axum::http::{HeaderName, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
 use sqlx::PgPool;
 
 use api_common::auth::TokenKeys;
 use api_common::error::ApiError;
-use event_store::log::Cursor;
+pub use api_common::position::{Read, POSITION_HEADER};
+use event_log::checkpoints;
+use event_log::Cursor;
 
 /// Longest `min_position` wait before 503.
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
@@ -34,9 +30,6 @@ pub const MAX_WAIT: Duration = Duration::from_secs(5);
 /// Most requests of one server that may wait for `min_position` at once; one more is
 /// answered 503 at once, so waiting clients cannot pile up connections and tasks.
 pub const MAX_WAITERS: usize = 256;
-
-/// The header naming the position a read model has reached.
-pub static POSITION_HEADER: HeaderName = HeaderName::from_static("x-orderline-position");
 
 /// What the query handlers share.
 #[derive(Clone)]
@@ -57,7 +50,7 @@ impl FromRef<QueryState> for TokenKeys {
     }
 }
 
-/// The query and admin routes, ready to be merged into the server's router.
+/// The query routes, ready to be merged into the server's router.
 pub fn router(state: QueryState) -> Router {
     Router::new()
         .route("/api/v1/orders", get(orders::list))
@@ -69,25 +62,6 @@ pub fn router(state: QueryState) -> Router {
         .route("/api/v1/inventory", get(catalog::levels))
         .route("/api/v1/inventory/{sku}", get(catalog::level))
         .route("/api/v1/payments/{order_id}", get(payments::one))
-        .route("/api/v1/admin/events", get(admin::events))
-        .route("/api/v1/admin/projections", get(admin::projections))
-        .route(
-            "/api/v1/admin/projections/{name}/rebuild",
-            post(admin::rebuild),
-        )
-        .route("/metrics", get(metrics::metrics))
-        .route(
-            "/api/v1/admin/streams/{aggregate_type}/{id}",
-            get(admin::stream),
-        )
-        .route("/api/v1/admin/notifications", get(notifications::list))
-        .route(
-            "/api/v1/admin/notifications/{event_id}/retry",
-            post(notifications::retry),
-        )
-        .route("/api/v1/admin/sagas", get(sagas::list))
-        .route("/api/v1/admin/sagas/{order_id}", get(sagas::one))
-        .route("/api/v1/admin/sagas/{order_id}/retry", post(sagas::retry))
         .with_state(state)
 }
 
@@ -97,24 +71,6 @@ pub fn router(state: QueryState) -> Router {
 pub struct Consistency {
     /// Wait until the read model has applied this position.
     pub min_position: Option<i64>,
-}
-
-/// A query answer: JSON plus `X-Orderline-Position`.
-pub struct Read<T> {
-    /// Position the read model had reached when it was read.
-    pub position: i64,
-    /// The body.
-    pub body: T,
-}
-
-impl<T: Serialize> IntoResponse for Read<T> {
-    fn into_response(self) -> Response {
-        let mut response = Json(self.body).into_response();
-        response
-            .headers_mut()
-            .insert(POSITION_HEADER.clone(), HeaderValue::from(self.position));
-        response
-    }
 }
 
 /// The cursor `projection` has reached, once it has applied `min_position` (if given).
@@ -144,23 +100,10 @@ pub async fn reached(
     };
     let mut waiting = None;
     loop {
-        let (transaction_id, position, applied, head): (i64, i64, bool, i64) = sqlx::query_as(
-            "SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0),
-                    $2::bigint IS NULL OR EXISTS (
-                        SELECT 1 FROM events e WHERE e.position = $2
-                           AND (e.transaction_id, e.position) <= (c.transaction_id, c.position)),
-                    coalesce((SELECT max(position) FROM events), 0)
-               FROM (SELECT 1) AS one LEFT JOIN checkpoints c ON c.consumer = $1",
-        )
-        .bind(projection)
-        .bind(consistency.min_position)
-        .fetch_one(&state.pool)
-        .await?;
+        let (cursor, applied, head) =
+            checkpoints::reached(&state.pool, projection, consistency.min_position).await?;
         if applied {
-            return Ok(Cursor {
-                transaction_id,
-                position,
-            });
+            return Ok(cursor);
         }
         if consistency.min_position.is_some_and(|p| p > head) {
             return Err(ApiError::Unavailable(format!(

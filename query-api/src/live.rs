@@ -11,7 +11,8 @@
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use event_store::subscription::{forward_notifications, CHECKPOINT_CHANNEL};
+use event_log::checkpoints::CHECKPOINT_CHANNEL;
+use event_log::subscription::forward_notifications;
 
 /// What streams wait on: how often each read model has moved, and whether the server closes.
 #[derive(Clone)]

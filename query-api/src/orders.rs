@@ -8,13 +8,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use aggregates::order::OrderStatus;
 use api_common::auth::{Actor, CustomerOrAdmin, Role};
 use api_common::error::ApiError;
-use event_store::log::{LogEvent, LOG_EVENT_COLUMNS};
+use event_log::checkpoints;
+use event_log::LogEvent;
 use projections::orders::OrderRow;
 
 use crate::{reached, Consistency, QueryState, Read};
@@ -57,34 +57,18 @@ fn not_found() -> ApiError {
 }
 
 /// The order, if it exists and `actor` may see it (owner or admin); else 404.
-async fn visible_order(pool: &PgPool, actor: &Actor, id: Uuid) -> Result<OrderRow, ApiError> {
-    let row: Option<String> =
-        sqlx::query_scalar("SELECT to_jsonb(t)::text FROM rm_orders t WHERE order_id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-    visible(actor, row)
+async fn visible_order(pool: &sqlx::PgPool, actor: &Actor, id: Uuid) -> Result<OrderRow, ApiError> {
+    visible(actor, projections::orders::get(pool, id).await?)
 }
 
-/// The row read as JSON text, if `actor` may see it (owner or admin); else 404.
-fn visible(actor: &Actor, row: Option<String>) -> Result<OrderRow, ApiError> {
-    let row: OrderRow = row
-        .map(|text| serde_json::from_str(&text))
-        .transpose()
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .ok_or_else(not_found)?;
+/// `row`, if `actor` may see it (owner or admin); else 404.
+fn visible(actor: &Actor, row: Option<OrderRow>) -> Result<OrderRow, ApiError> {
+    let row = row.ok_or_else(not_found)?;
     if actor.role == Role::Customer && row.customer_id != actor.sub {
         return Err(not_found());
     }
     Ok(row)
 }
-
-/// The orders projection's cursor and one order's row, in one statement (one snapshot, one
-/// round trip): the hot path of `GET /api/v1/orders/{id}`.
-const CURSOR_AND_ORDER: &str = "
-SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0),
-       (SELECT to_jsonb(t)::text FROM rm_orders t WHERE t.order_id = $2)
-  FROM (SELECT 1) AS one LEFT JOIN checkpoints c ON c.consumer = $1";
 
 /// `GET /api/v1/orders/{id}` (owner, admin).
 ///
@@ -100,12 +84,19 @@ pub async fn one(
     let id = id.as_uuid();
     let (position, row) = match consistency.min_position {
         None => {
-            let (_, position, row): (i64, i64, Option<String>) = sqlx::query_as(CURSOR_AND_ORDER)
-                .bind(PROJECTION)
-                .bind(id)
-                .fetch_one(&state.pool)
-                .await?;
-            (position, visible(&actor, row)?)
+            // The checkpoint and the row in one statement: one snapshot, one round trip.
+            let (cursor, row) = checkpoints::cursor_with(
+                &state.pool,
+                PROJECTION,
+                projections::orders::ROW_AS_TEXT_SQL,
+                &id.to_string(),
+            )
+            .await?;
+            let row = row
+                .as_deref()
+                .map(projections::read::decode_text)
+                .transpose()?;
+            (cursor.position, visible(&actor, row)?)
         }
         Some(_) => {
             let cursor = reached(&state, PROJECTION, &consistency).await?;
@@ -198,25 +189,13 @@ pub async fn list(
         min_position: query.min_position,
     };
     let cursor = reached(&state, PROJECTION, &consistency).await?;
-    let rows: Vec<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(t) FROM rm_orders t
-          WHERE ($1::text IS NULL OR customer_id = $1)
-            AND ($2::text IS NULL OR status = $2)
-            AND ($3::bigint IS NULL OR placed_position < $3)
-          ORDER BY placed_position DESC
-          LIMIT $4",
-    )
-    .bind(customer)
-    .bind(status)
-    .bind(before)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    let mut items = rows
-        .into_iter()
-        .map(serde_json::from_value::<OrderRow>)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let filter = projections::orders::ListFilter {
+        customer_id: customer,
+        status,
+        before,
+        limit: limit + 1,
+    };
+    let mut items = projections::orders::list(&state.pool, &filter).await?;
     let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next_cursor = more
@@ -247,16 +226,8 @@ pub async fn events(
     CustomerOrAdmin(actor): CustomerOrAdmin,
     OrderPath(id): OrderPath,
 ) -> Result<Read<OrderEvents>, ApiError> {
-    let id = id.to_string();
-    let sql = format!(
-        "SELECT {LOG_EVENT_COLUMNS} FROM events
-          WHERE events.aggregate_type IN ('order', 'payment') AND events.aggregate_id = $1
-          ORDER BY events.transaction_id, events.position"
-    );
-    let events: Vec<LogEvent> = sqlx::query_as(&sql)
-        .bind(&id)
-        .fetch_all(&state.pool)
-        .await?;
+    let events =
+        event_log::reader::streams(&state.pool, &["order", "payment"], &id.to_string()).await?;
     let owner = events
         .iter()
         .find(|e| e.aggregate_type == "order")

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use api_common::auth::{CustomerOrAdmin, Role};
 use api_common::error::ApiError;
-use projections::payments::{AttemptView, PaymentChange, PaymentRow, Status};
+use projections::payments::{AttemptView, PaymentChange, Status};
 
 use crate::{reached, Consistency, QueryState, Read};
 
@@ -37,13 +37,9 @@ pub async fn one(
     let not_found = || ApiError::NotFound("payment not found".into());
     let id = id.as_uuid();
     let cursor = reached(&state, "payments", &consistency).await?;
-    let row: Option<Value> =
-        sqlx::query_scalar("SELECT to_jsonb(t) FROM rm_payments t WHERE order_id = $1")
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await?;
-    let row: PaymentRow = serde_json::from_value(row.ok_or_else(not_found)?)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let row = projections::payments::get(&state.pool, id)
+        .await?
+        .ok_or_else(not_found)?;
     if actor.role == Role::Customer && row.customer_id.as_deref() != Some(actor.sub.as_str()) {
         return Err(not_found());
     }

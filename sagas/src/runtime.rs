@@ -28,10 +28,10 @@ use aggregates::inventory::Product;
 use aggregates::order::{Order, OrderEvent};
 use aggregates::payment::Payment;
 use aggregates::values::OrderId;
-use event_store::log::LogEvent;
-use event_store::subscription::{Consumer, ConsumerError, Transient};
+use event_log::subscription::{Consumer, ConsumerError, Transient};
+use event_log::{crash, LogEvent};
 use event_store::unit_of_work::UnitOfWork;
-use event_store::{EventStore, Metadata, StoreError, StoredAggregate};
+use event_store::{locks, EventStore, Metadata, StoreError, StoredAggregate};
 
 use crate::fulfillment::{
     order_verdict, payment_verdict, product_verdict, Action, Command, Fulfillment, GatewayAnswer,
@@ -45,13 +45,6 @@ pub const CONSUMER_NAME: &str = "fulfillment";
 
 /// The NOTIFY channel that announces a due gateway call (see the `sagas` migration).
 pub const DUE_CHANNEL: &str = "orderline_saga_due";
-
-/// Advisory lock class of a saga whose gateway call is in flight.
-const CALL_LOCK_CLASS: i32 = 8105;
-
-/// Environment variable naming a point at which the process aborts, for crash tests:
-/// `before_gateway_call`, `after_gateway_call` or `after_gateway_record`.
-pub const CRASH_AT_ENV: &str = "ORDERLINE_SAGA_CRASH_AT";
 
 /// How the saga runs.
 #[derive(Debug, Clone)]
@@ -182,14 +175,6 @@ fn metadata(saga: &Fulfillment, step: &str) -> Metadata {
         actor_sub: CONSUMER_NAME.to_owned(),
         actor_role: "service".to_owned(),
         request_id,
-    }
-}
-
-/// Aborts the process if the crash-test variable names `point`.
-fn crash_point(point: &str) {
-    if std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point) {
-        tracing::error!(point, "crash requested by {CRASH_AT_ENV}");
-        std::process::abort();
     }
 }
 
@@ -451,22 +436,13 @@ impl Worker {
     async fn work_locked(&self, order_id: OrderId) -> Result<(), ConsumerError> {
         let mut conn = self.pool.acquire().await?;
         let key = order_id.to_string();
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
-            .bind(CALL_LOCK_CLASS)
-            .bind(&key)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !locked {
+        if !locks::try_session(&mut conn, locks::GATEWAY_CALL, &key).await? {
             // Another process is calling for this saga.
             return Ok(());
         }
         let result = self.step(&mut conn, order_id).await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
-            .bind(CALL_LOCK_CLASS)
-            .bind(&key)
-            .execute(&mut *conn)
-            .await;
-        if unlocked.is_err() {
+        let unlocked = locks::unlock_session(&mut conn, locks::GATEWAY_CALL, &key).await;
+        if !matches!(unlocked, Ok(true)) {
             // Closing the connection releases the lock for sure.
             drop(conn.detach());
         }
@@ -486,9 +462,9 @@ impl Worker {
         let op = saga.pending_call(now);
         let answer = match op {
             Some(op) => {
-                crash_point("before_gateway_call");
+                crash::point("before_gateway_call");
                 let answer = call(self.gateway.as_ref(), &saga, op).await;
-                crash_point("after_gateway_call");
+                crash::point("after_gateway_call");
                 Some((op, answer))
             }
             None => None,
@@ -504,7 +480,7 @@ impl Worker {
         drive(&mut Work::new(), &mut tx, &mut saga, timing).await?;
         store::save(&mut tx, &saga).await?;
         tx.commit().await?;
-        crash_point("after_gateway_record");
+        crash::point("after_gateway_record");
         Ok(())
     }
 }

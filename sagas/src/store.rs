@@ -261,3 +261,19 @@ pub async fn retry(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Retried> {
     tx.commit().await?;
     Ok(Retried::Yes)
 }
+
+/// Sagas by state, for every state but `completed`: live work only, so the count walks the
+/// `sagas_state` index over the sagas still in flight, never the whole history. (Finished work
+/// is what the log and the consumers' applied counts already tell.) Public so that tests can
+/// check its plan on a large table.
+pub const LIVE_SQL: &str = "SELECT state, count(*) FROM sagas
+  WHERE state IN ('running', 'compensating', 'confirmed', 'settling', 'stuck')
+  GROUP BY state ORDER BY state";
+
+/// How many sagas are in flight, by state (for `/metrics`).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn count_live(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(LIVE_SQL).fetch_all(pool).await
+}

@@ -91,7 +91,7 @@ async fn polling_and_admin_statements_stay_bounded_on_a_log_of_a_million_events(
         "the log must be large: {table_blocks}"
     );
 
-    let poll = event_store::log::HAS_EVENTS_AFTER_SQL;
+    let poll = event_log::HAS_EVENTS_AFTER_SQL;
     let caught_up = blocks(&app, poll, "text, bigint", &format!("'{head_tx}', {head}")).await;
     assert!(
         caught_up < 20,
@@ -103,15 +103,15 @@ async fn polling_and_admin_statements_stay_bounded_on_a_log_of_a_million_events(
         "a poll from the start touched {from_start} blocks"
     );
 
-    let limit = query_api::admin::EXACT_LAG_LIMIT.to_string();
-    let consumers = blocks(&app, query_api::admin::CONSUMERS_SQL, "bigint", &limit).await;
+    let limit = event_log::checkpoints::EXACT_LAG_LIMIT.to_string();
+    let consumers = blocks(&app, event_log::checkpoints::PROGRESS_SQL, "bigint", &limit).await;
     assert!(
         consumers < 1_000,
         "the consumers view touched {consumers} blocks"
     );
     for sql in [
-        query_api::metrics::SAGAS_SQL,
-        query_api::metrics::NOTIFICATIONS_SQL,
+        sagas::store::LIVE_SQL,
+        integrations::notifications::WAITING_SQL,
     ] {
         let touched = blocks(&app, sql, "", "").await;
         assert!(touched < 20, "{sql} touched {touched} blocks");

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_store::subscription::{RunnerConfig, Subscriptions};
+use event_log::subscription::{RunnerConfig, Subscriptions};
 use integrations::inbox::{InboxConfig, InboxConsumer};
 use integrations::notifications::{
     Notification, NotificationsHandler, Notifier, NotifyError, Sender, SenderConfig, SmtpConfig,
@@ -284,10 +284,8 @@ async fn a_notification_that_keeps_failing_is_parked_with_its_error_and_can_be_r
             .unwrap();
     assert_eq!(attempts, 3);
     assert!(error.contains("connection refused"));
-    assert!(integrations::notifications::retry(&app.pool, id)
-        .await
-        .unwrap());
-    assert!(!integrations::notifications::retry(&app.pool, id)
-        .await
-        .unwrap());
+    use integrations::notifications::Retried;
+    let retry = || integrations::notifications::retry(&app.pool, id);
+    assert_eq!(retry().await.unwrap(), Retried::Yes);
+    assert_eq!(retry().await.unwrap(), Retried::NotParked);
 }

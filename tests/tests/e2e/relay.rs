@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use event_store::log::LogEvent;
-use event_store::subscription::{Consumer, ConsumerError, RunnerConfig, Subscriptions, Transient};
+use event_log::subscription::{Consumer, ConsumerError, RunnerConfig, Subscriptions, Transient};
+use event_log::LogEvent;
 use kafka_relay::{KafkaRelay, RelayConfig, AGGREGATE_TYPES};
 use orderline_tests::TestApp;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};

@@ -146,8 +146,6 @@ async fn version_1_events_are_read_as_the_current_version_everywhere() {
     .await
     .unwrap();
     assert_eq!(stored, "ProductCreated");
-    let verified = event_store::verify::verify(&app.pool, &|_| {})
-        .await
-        .unwrap();
+    let verified = audit::verify::verify(&app.pool, &|_| {}).await.unwrap();
     assert!(verified.is_ok(), "{verified:?}");
 }

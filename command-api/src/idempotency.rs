@@ -1,7 +1,7 @@
 //! Idempotency records: the first answer to a command sent with an `Idempotency-Key`, stored in
 //! the same transaction as the events that command produced.
 //!
-//! Protocol, per attempt of a command (see `command-api`):
+//! Protocol, per attempt of a command (see [`crate::executor`]):
 //! 1. [`try_lock`] takes a transaction-scoped advisory lock on `(caller, key)`; if another
 //!    request holds it, the first one is still running (HTTP 409).
 //! 2. [`find`] looks the key up; a stored answer is replayed if the request is the same
@@ -13,6 +13,8 @@
 
 use serde_json::Value;
 use sqlx::PgConnection;
+
+use event_store::locks;
 
 /// A stored answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,12 +35,12 @@ pub struct StoredAnswer {
 /// # Errors
 /// The database error, if any.
 pub async fn try_lock(conn: &mut PgConnection, caller: &str, key: &str) -> sqlx::Result<bool> {
-    // Two-key form with a fixed class id keeps these locks apart from other advisory locks; the
-    // length prefix keeps ("ab", "c") and ("a", "bc") apart. A hash collision only costs a
-    // spurious 409 that the client retries.
+    // The length prefix keeps ("ab", "c") and ("a", "bc") apart. A hash collision only costs
+    // a spurious 409 that the client retries.
     sqlx::query_scalar(
-        "SELECT pg_try_advisory_xact_lock(8101, hashtext(length($1) || ':' || $1 || $2))",
+        "SELECT pg_try_advisory_xact_lock($1, hashtext(length($2) || ':' || $2 || $3))",
     )
+    .bind(locks::IDEMPOTENCY)
     .bind(caller)
     .bind(key)
     .fetch_one(conn)

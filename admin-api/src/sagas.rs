@@ -14,7 +14,7 @@ use api_common::error::ApiError;
 use sagas::fulfillment::SagaState;
 use sagas::store::{self, Retried, SagaPage, SagaView};
 
-use crate::QueryState;
+use crate::AdminState;
 
 /// Query of `GET /api/v1/admin/sagas`.
 #[derive(Debug, Deserialize)]
@@ -32,7 +32,7 @@ pub struct SagasQuery {
 /// # Errors
 /// 400 for an unknown state, a bad limit or cursor; 401/403.
 pub async fn list(
-    State(state): State<QueryState>,
+    State(state): State<AdminState>,
     _: Admin,
     Query(query): Query<SagasQuery>,
 ) -> Result<Json<SagaPage>, ApiError> {
@@ -68,7 +68,7 @@ pub async fn list(
 /// # Errors
 /// 404 when the order has no saga; 400 for a malformed id; 401/403.
 pub async fn one(
-    State(state): State<QueryState>,
+    State(state): State<AdminState>,
     _: Admin,
     Path(order_id): Path<String>,
 ) -> Result<Json<SagaView>, ApiError> {
@@ -85,7 +85,7 @@ pub async fn one(
 /// # Errors
 /// 404 when the order has no saga; 409 when the saga is not stuck; 401/403.
 pub async fn retry(
-    State(state): State<QueryState>,
+    State(state): State<AdminState>,
     _: Admin,
     Path(order_id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {

@@ -12,7 +12,7 @@ use aggregates::inventory::Product;
 use aggregates::order::Order;
 use aggregates::payment::Payment;
 
-use crate::upcast::upcast;
+use event_store::replay;
 
 /// Which point in a stream's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,17 +109,15 @@ async fn fold<A: Aggregate + Serialize>(
     };
     let mut aggregate = A::default();
     for (sequence, _, event_type, event_version, payload) in events {
-        for current in upcast(A::TYPE, &event_type, &event_version, payload) {
-            let event = serde_json::from_value(current.payload).map_err(|source| {
-                HistoryError::Corrupt {
-                    aggregate_type: A::TYPE.to_owned(),
-                    aggregate_id: id.to_owned(),
-                    sequence,
-                    source,
-                }
-            })?;
-            aggregate.apply(event);
-        }
+        let payload = replay::Payload::Json(&payload);
+        replay::apply(&mut aggregate, &event_type, &event_version, payload).map_err(|source| {
+            HistoryError::Corrupt {
+                aggregate_type: A::TYPE.to_owned(),
+                aggregate_id: id.to_owned(),
+                sequence,
+                source,
+            }
+        })?;
     }
     let state = serde_json::to_value(&aggregate).map_err(|source| HistoryError::Corrupt {
         aggregate_type: A::TYPE.to_owned(),

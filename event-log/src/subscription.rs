@@ -21,12 +21,12 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
-use crate::log::{self, Cursor, LogEvent, NOTIFY_CHANNEL};
+use event_store::locks;
 
-/// The channel `NOTIFY`ed, with the consumer's name as payload, in every transaction that moves
-/// a checkpoint: a read model has advanced once the notification arrives.
-pub const CHECKPOINT_CHANNEL: &str = "orderline_checkpoints";
+use crate::checkpoints;
+use crate::{crash, reader, Cursor, LogEvent, NOTIFY_CHANNEL};
 
 /// The error a consumer reports for a page it could not apply.
 pub type ConsumerError = Box<dyn std::error::Error + Send + Sync>;
@@ -128,21 +128,6 @@ impl Subscriptions {
         }
     }
 }
-
-/// Makes sure a checkpoint row exists for `consumer`.
-///
-/// # Errors
-/// The database error, if any.
-pub async fn ensure_checkpoint(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO checkpoints (consumer) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(consumer)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// The lease of a consumer: a session-level advisory lock in its own key space.
-const LEASE_CLASS: i32 = 8102;
 
 /// Turns NOTIFYs on the events channel into wake-ups. When the listener connection fails the
 /// consumers still poll, so this only retries.
@@ -265,24 +250,13 @@ impl Runner {
     async fn lease(&self) -> sqlx::Result<Option<PgConnection>> {
         let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
         let name = self.consumer.name();
-        ensure_checkpoint(&mut conn, name).await?;
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
-            .bind(LEASE_CLASS)
-            .bind(name)
-            .fetch_one(&mut conn)
-            .await?;
-        if !taken {
+        checkpoints::ensure(&mut conn, name).await?;
+        if !locks::try_session(&mut conn, locks::LEASE, name).await? {
             conn.close().await.ok();
             return Ok(None);
         }
         // A new leader gives a parked consumer one more try (a fixed deployment, say).
-        sqlx::query(
-            "UPDATE checkpoints SET state = 'running', parked_position = NULL, updated_at = now()
-              WHERE consumer = $1 AND state = 'parked'",
-        )
-        .bind(name)
-        .execute(&mut conn)
-        .await?;
+        checkpoints::unpark(&mut conn, name).await?;
         Ok(Some(conn))
     }
 
@@ -370,30 +344,49 @@ impl Runner {
         };
         let name = self.consumer.name();
         let mut tx = self.pool.begin().await.map_err(|e| failed(e.to_string()))?;
-        let (transaction_id, position, state): (i64, i64, String) = sqlx::query_as(
-            "SELECT transaction_id::text::bigint, position, state FROM checkpoints WHERE consumer = $1",
-        )
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        if state == "parked" {
+        let (cursor, parked) = checkpoints::read(&mut tx, name)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if parked {
             return Ok(Step::Parked);
         }
-        let cursor = Cursor {
-            transaction_id,
-            position,
-        };
-        // Read before this transaction writes anything (see `log::read_page`).
-        let page = log::read_page(&mut tx, cursor, limit)
+        // Read before this transaction writes anything (see `reader::read_page`).
+        let page = reader::read_page(&mut tx, cursor, limit)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let Some(last) = page.last() else {
-            let newer = log::has_events_after(&mut tx, cursor)
+            let newer = reader::has_events_after(&mut tx, cursor)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
             return Ok(if newer { Step::HeldBack } else { Step::Idle });
         };
+        let span = tracing::info_span!(
+            "consumer_page",
+            consumer = name,
+            after = %cursor,
+            events = page.len()
+        );
+        let last = last.cursor();
+        self.apply_page(tx, cursor, last, page)
+            .instrument(span)
+            .await
+    }
+
+    /// Delivers and applies one page read after `cursor`, moves the checkpoint to `last` in the
+    /// same transaction, and commits; [`Step::Moved`] if the lease moved on meanwhile.
+    async fn apply_page(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        cursor: Cursor,
+        last: Cursor,
+        page: Vec<LogEvent>,
+    ) -> Result<Step, Failure> {
+        let failed = |error: String| Failure {
+            error,
+            first: None,
+            transient: false,
+        };
+        let name = self.consumer.name();
         if let Err(e) = self.consumer.deliver(&page).await {
             return Err(Failure {
                 transient: e.is::<Transient>(),
@@ -401,17 +394,10 @@ impl Runner {
                 first: page.into_iter().next(),
             });
         }
-        let still_ours: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM checkpoints
-              WHERE consumer = $1 AND transaction_id = $2::text::xid8 AND position = $3 FOR UPDATE",
-        )
-        .bind(name)
-        .bind(transaction_id.to_string())
-        .bind(position)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        if still_ours.is_none() {
+        let still_ours = checkpoints::lock_if_at(&mut tx, name, cursor)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if !still_ours {
             return Ok(Step::Moved);
         }
         if let Err(e) = self.consumer.apply(&mut tx, &page).await {
@@ -421,41 +407,17 @@ impl Runner {
                 first: page.into_iter().next(),
             });
         }
-        let next = last.cursor();
-        let applied = page.len();
-        // The NOTIFY is delivered at commit: listeners (live updates) learn that this read
-        // model moved once it really has.
-        sqlx::query(
-            "WITH moved AS (
-                UPDATE checkpoints
-                   SET transaction_id = $2::text::xid8, position = $3,
-                       events_applied = events_applied + $4, last_error = NULL, updated_at = now()
-                 WHERE consumer = $1
-             RETURNING consumer)
-             SELECT pg_notify($5, consumer) FROM moved",
-        )
-        .bind(name)
-        .bind(next.transaction_id.to_string())
-        .bind(next.position)
-        .bind(i64::try_from(applied).unwrap_or(i64::MAX))
-        .bind(CHECKPOINT_CHANNEL)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        crash_point(name);
+        checkpoints::advance(&mut tx, name, last, page.len())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        crash::point(&format!("before_checkpoint_commit:{name}"));
         tx.commit().await.map_err(|e| failed(e.to_string()))?;
         Ok(Step::Applied)
     }
 
     /// Shows a transient error in the checkpoint row (cleared by the next applied page).
     async fn note_error(&self, error: &str) {
-        let result = sqlx::query(
-            "UPDATE checkpoints SET last_error = $2, last_error_at = now() WHERE consumer = $1",
-        )
-        .bind(self.consumer.name())
-        .bind(error)
-        .execute(&self.pool)
-        .await;
+        let result = checkpoints::note_error(&self.pool, self.consumer.name(), error).await;
         if let Err(e) = result {
             tracing::warn!(consumer = self.consumer.name(), error = %e, "cannot record the error");
         }
@@ -465,31 +427,9 @@ impl Runner {
         let name = self.consumer.name();
         let position = failure.first.as_ref().map(|e| e.position);
         tracing::error!(consumer = name, position, error = %failure.error, "parking the consumer on a poison event");
-        let result = sqlx::query(
-            "UPDATE checkpoints SET state = 'parked', last_error = $2, last_error_at = now(),
-                    parked_position = $3, updated_at = now()
-              WHERE consumer = $1",
-        )
-        .bind(name)
-        .bind(&failure.error)
-        .bind(position)
-        .execute(&self.pool)
-        .await;
+        let result = checkpoints::park(&self.pool, name, &failure.error, position).await;
         if let Err(e) = result {
             tracing::error!(consumer = name, error = %e, "cannot record the parked state");
         }
-    }
-}
-
-/// Test hook for crash tests: with `ORDERLINE_CRASH_BEFORE_CHECKPOINT_COMMIT=NAME`, the process
-/// aborts after consumer NAME wrote a page and its checkpoint but before the commit, the worst
-/// moment for exactly-once. Never set in production.
-fn crash_point(consumer: &str) {
-    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let target =
-        TARGET.get_or_init(|| std::env::var("ORDERLINE_CRASH_BEFORE_CHECKPOINT_COMMIT").ok());
-    if target.as_deref() == Some(consumer) {
-        tracing::error!(consumer, "crash point reached: aborting");
-        std::process::abort();
     }
 }

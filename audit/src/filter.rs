@@ -1,5 +1,5 @@
-//! The operators' and auditors' view of the log, behind `orderline events`, `orderline audit`
-//! and `orderline state`: who did what, when, and in which flow.
+//! The operators' and auditors' view of the log, behind `orderline events` and `orderline
+//! audit`: which events, who did what, when, and in which flow.
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use event_store::log::{self, Cursor, LogEvent, LOG_EVENT_COLUMNS};
+use event_log::{Cursor, LogEvent, LOG_EVENT_COLUMNS};
 
 /// Which events to show.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,7 +110,7 @@ pub async fn follow(
     };
     loop {
         let mut conn = pool.acquire().await?;
-        let page = log::read_page(&mut conn, cursor, 500).await?;
+        let page = event_log::read_page(&mut conn, cursor, 500).await?;
         drop(conn);
         for event in &page {
             cursor = event.cursor();

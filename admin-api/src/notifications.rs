@@ -5,15 +5,15 @@ use api_common::extract::{Path, Query};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use api_common::auth::Admin;
 use api_common::error::ApiError;
+use integrations::notifications::{self, Retried};
 
-use crate::QueryState;
+use crate::AdminState;
 
 /// Query of `GET /api/v1/admin/notifications`.
 #[derive(Debug, Deserialize)]
@@ -23,27 +23,12 @@ pub struct NotificationsQuery {
     limit: Option<i64>,
 }
 
-/// One notification.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct NotificationView {
-    event_id: Uuid,
-    kind: String,
-    recipient: String,
-    subject: String,
-    state: String,
-    attempts: i32,
-    last_error: Option<String>,
-    next_attempt_at: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-    sent_at: Option<DateTime<Utc>>,
-}
-
 /// `GET /api/v1/admin/notifications?state=pending|sent|parked&limit=`: newest first.
 ///
 /// # Errors
 /// 400 for an unknown state or a bad limit; 401/403.
 pub async fn list(
-    State(state): State<QueryState>,
+    State(state): State<AdminState>,
     _: Admin,
     Query(query): Query<NotificationsQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -52,19 +37,14 @@ pub async fn list(
             return Err(ApiError::field("state", "must be pending, sent or parked"));
         }
     }
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
+    if !(1..=500).contains(&query.limit.unwrap_or(50)) {
         return Err(ApiError::field("limit", "must be 1 to 500"));
     }
-    let items: Vec<NotificationView> = sqlx::query_as(
-        "SELECT event_id, kind, recipient, subject, state, attempts, last_error, next_attempt_at,
-                created_at, sent_at
-           FROM notifications WHERE ($1::text IS NULL OR state = $1)
-          ORDER BY created_at DESC LIMIT $2",
+    let items = notifications::list(
+        &state.pool,
+        query.state.as_deref(),
+        query.limit.unwrap_or(50),
     )
-    .bind(query.state)
-    .bind(limit)
-    .fetch_all(&state.pool)
     .await?;
     Ok(Json(json!({ "items": items })))
 }
@@ -74,23 +54,20 @@ pub async fn list(
 /// # Errors
 /// 409 when it is not parked (404 when it does not exist); 401/403.
 pub async fn retry(
-    State(state): State<QueryState>,
+    State(state): State<AdminState>,
     _: Admin,
     Path(event_id): Path<Uuid>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if integrations::notifications::retry(&state.pool, event_id).await? {
-        return Ok((
+    match notifications::retry(&state.pool, event_id).await? {
+        Retried::Yes => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "event_id": event_id, "state": "pending" })),
-        ));
+        )),
+        Retried::NotParked => Err(ApiError::Conflict(format!(
+            "notification {event_id} is not parked"
+        ))),
+        Retried::NotFound => Err(ApiError::NotFound(format!(
+            "no notification for event {event_id}"
+        ))),
     }
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM notifications WHERE event_id = $1)")
-            .bind(event_id)
-            .fetch_one(&state.pool)
-            .await?;
-    Err(match exists {
-        true => ApiError::Conflict(format!("notification {event_id} is not parked")),
-        false => ApiError::NotFound(format!("no notification for event {event_id}")),
-    })
 }

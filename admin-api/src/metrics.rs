@@ -7,34 +7,19 @@ use axum::response::IntoResponse;
 
 use api_common::error::ApiError;
 
-use crate::admin;
-use crate::QueryState;
-
-/// Sagas by state, for every state but `completed`: live work only, so the count walks the
-/// `sagas_state` index over the sagas still in flight, never the whole history. (Finished work
-/// is what the log and `orderline_consumer_events_applied_total` already count.)
-pub const SAGAS_SQL: &str = "SELECT state, count(*) FROM sagas
-  WHERE state IN ('running', 'compensating', 'confirmed', 'settling', 'stuck')
-  GROUP BY state ORDER BY state";
-
-/// Notifications waiting or parked (the `sent` ones are history), by the partial indexes.
-pub const NOTIFICATIONS_SQL: &str = "SELECT state, count(*) FROM notifications
-  WHERE state IN ('pending', 'parked') GROUP BY state ORDER BY state";
+use crate::AdminState;
+use event_log::checkpoints::{self, Progress};
 
 /// The metrics: the log's head, each consumer's position, lag (events, seconds), events applied
 /// and parked state (projections, the saga, the Kafka relay), sagas and notifications by state.
 ///
 /// # Errors
 /// 500 when the database cannot be read.
-pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoResponse, ApiError> {
-    let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
-        .fetch_one(&state.pool)
-        .await?;
-    let consumers = admin::consumers(&state.pool).await?;
-    let sagas: Vec<(String, i64)> = sqlx::query_as(SAGAS_SQL).fetch_all(&state.pool).await?;
-    let notifications: Vec<(String, i64)> = sqlx::query_as(NOTIFICATIONS_SQL)
-        .fetch_all(&state.pool)
-        .await?;
+pub async fn metrics(State(state): State<AdminState>) -> Result<impl IntoResponse, ApiError> {
+    let head = event_log::head_position(&mut *state.pool.acquire().await?).await?;
+    let consumers = checkpoints::progress(&state.pool).await?;
+    let sagas = sagas::store::count_live(&state.pool).await?;
+    let notifications = integrations::notifications::count_waiting(&state.pool).await?;
 
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
@@ -43,7 +28,7 @@ pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoRespons
             out.push_str(&format!("{name}{labels} {value}\n"));
         }
     };
-    let by_consumer = |f: &dyn Fn(&admin::ConsumerView) -> String| {
+    let by_consumer = |f: &dyn Fn(&Progress) -> String| {
         consumers
             .iter()
             .map(|c| (format!("{{consumer=\"{}\"}}", c.name), f(c)))
@@ -53,7 +38,7 @@ pub async fn metrics(State(state): State<QueryState>) -> Result<impl IntoRespons
         "orderline_log_head_position",
         "gauge",
         "Position of the newest event in the log.",
-        vec![(String::new(), head.unwrap_or(0).to_string())],
+        vec![(String::new(), head.to_string())],
     );
     family(
         "orderline_consumer_position",

@@ -75,7 +75,7 @@ pub struct LogEvent {
     pub event_version: String,
     /// When it was recorded (the writing transaction's start).
     pub recorded_at: DateTime<Utc>,
-    /// Who and why (see [`crate::Metadata`]).
+    /// Who and why (see `event_store::Metadata`).
     pub metadata: Box<RawValue>,
     /// The event itself, as the aggregate's event enum serializes it.
     pub payload: Box<RawValue>,
@@ -131,18 +131,19 @@ impl LogEvent {
         serde_json::from_str(self.payload.get())
     }
 
-    /// The current-shape events this stored event stands for ([`crate::upcast`]): `None` when
+    /// The current-shape events this stored event stands for ([`event_store::upcast`]): `None` when
     /// it is current already (the common case, with no copy), else its upcast events, possibly
     /// none. They keep this event's position, ids and metadata.
     ///
     /// # Errors
     /// The serde error when an old payload is not JSON.
     pub fn current(&self) -> Result<Option<Vec<LogEvent>>, serde_json::Error> {
-        if !crate::upcast::is_old(&self.aggregate_type, &self.event_type, &self.event_version) {
+        if !event_store::upcast::is_old(&self.aggregate_type, &self.event_type, &self.event_version)
+        {
             return Ok(None);
         }
         let payload: serde_json::Value = serde_json::from_str(self.payload.get())?;
-        crate::upcast::upcast(
+        event_store::upcast::upcast(
             &self.aggregate_type,
             &self.event_type,
             &self.event_version,
@@ -258,6 +259,32 @@ pub async fn head_position(conn: &mut PgConnection) -> sqlx::Result<i64> {
         .fetch_one(conn)
         .await?;
     Ok(head.unwrap_or(0))
+}
+
+/// Every event of the streams `id` of the given aggregate types (an order and its payment share
+/// the id), in log order. Reads committed events as the caller's snapshot sees them; for a
+/// page of the live log use [`read_page`].
+///
+/// # Errors
+/// The database error, if any.
+pub async fn streams(
+    pool: &sqlx::PgPool,
+    aggregate_types: &[&str],
+    id: &str,
+) -> sqlx::Result<Vec<LogEvent>> {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        format!(
+            "SELECT {LOG_EVENT_COLUMNS} FROM events
+              WHERE events.aggregate_type = ANY($1) AND events.aggregate_id = $2
+              ORDER BY events.transaction_id, events.position"
+        )
+    });
+    sqlx::query_as(sql)
+        .bind(aggregate_types)
+        .bind(id)
+        .fetch_all(pool)
+        .await
 }
 
 #[cfg(test)]

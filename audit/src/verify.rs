@@ -1,12 +1,12 @@
-//! `orderline verify`: proves the log is whole and unedited, or names the first event that is
-//! not.
+//! The log half of `orderline verify`: proves the log is whole and unedited, or names the first
+//! event that is not ([`crate::report`] adds the read models).
 //!
 //! Streams are read in `(aggregate_type, aggregate_id, sequence)` order. For each event:
 //! - its sequence follows the previous one in the stream (1 for the first): a deleted event
 //!   leaves a gap;
 //! - its payload, through the upcasters, deserializes into its aggregate's current event type;
 //! - its hash equals the one recomputed from its content and the previous event's stored hash
-//!   ([`crate::chain`]): an edited event no longer matches.
+//!   (`event_store::chain`): an edited event no longer matches.
 //!
 //! What this cannot see (ADR 9): the newest events of a stream deleted together, a whole stream
 //! deleted, or an attacker who recomputes every later hash of a stream.
@@ -21,8 +21,8 @@ use aggregates::inventory::ProductEvent;
 use aggregates::order::OrderEvent;
 use aggregates::payment::PaymentEvent;
 
-use crate::chain::Hashed;
-use crate::upcast::upcast;
+use event_store::chain::Hashed;
+use event_store::replay::{self, Payload};
 
 /// A log that checks out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -139,22 +139,17 @@ fn check(row: &Row, expected: i64, previous: Option<&[u8]>) -> Option<String> {
         ));
     }
     // Read as every reader reads it: through the upcasters.
-    let currents = upcast(
-        &row.aggregate_type,
-        &row.event_type,
-        &row.event_version,
-        row.payload.clone(),
-    );
-    for current in currents {
-        let decoded = match row.aggregate_type.as_str() {
-            "order" => serde_json::from_value::<OrderEvent>(current.payload).map(drop),
-            "inventory" => serde_json::from_value::<ProductEvent>(current.payload).map(drop),
-            "payment" => serde_json::from_value::<PaymentEvent>(current.payload).map(drop),
-            other => return Some(format!("unknown aggregate type {other:?}")),
-        };
-        if let Err(e) = decoded {
-            return Some(format!("the payload does not deserialize: {e}"));
-        }
+    let payload = Payload::Json(&row.payload);
+    let (t, v) = (row.aggregate_type.as_str(), row.event_type.as_str());
+    let version = row.event_version.as_str();
+    let decoded = match t {
+        "order" => replay::decode::<OrderEvent>(t, v, version, payload).map(drop),
+        "inventory" => replay::decode::<ProductEvent>(t, v, version, payload).map(drop),
+        "payment" => replay::decode::<PaymentEvent>(t, v, version, payload).map(drop),
+        other => return Some(format!("unknown aggregate type {other:?}")),
+    };
+    if let Err(e) = decoded {
+        return Some(format!("the payload does not deserialize: {e}"));
     }
     let Some(stored) = &row.hash else {
         return Some("no hash: the event was not written by orderline".into());

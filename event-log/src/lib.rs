@@ -1,0 +1,19 @@
+//! The global log and its consumers.
+//!
+//! - [`reader`]: every event of every aggregate in an order that never skips one (the
+//!   `(transaction_id, position)` cursor read below the oldest running transaction; ADR 2).
+//! - [`checkpoints`]: the owner of the `checkpoints` table. Every statement on it lives there:
+//!   the runner's, the rebuild's, the read-your-writes wait and the admin view.
+//! - [`subscription`]: the checkpointed consumer runner (a lease per consumer, the checkpoint
+//!   moving in the transaction of the consumer's writes; ADR 5).
+//! - [`crash`]: the one crash-test hook, read from one variable.
+
+pub mod checkpoints;
+pub mod crash;
+pub mod reader;
+pub mod subscription;
+
+pub use reader::{
+    has_events_after, head_position, read_page, Cursor, LogEvent, HAS_EVENTS_AFTER_SQL,
+    LOG_EVENT_COLUMNS, NOTIFY_CHANNEL,
+};

@@ -1,0 +1,84 @@
+//! Every advisory lock orderline takes, by class. Postgres's two-key advisory locks
+//! `(class, key)` keep each kind of lock in a key space of its own, so an aggregate's write lock
+//! can never collide with a consumer's lease. A new kind of lock gets a class here, nowhere else.
+//!
+//! | class | what | scope | key |
+//! |---|---|---|---|
+//! | [`IDEMPOTENCY`] | one HTTP command per `(principal, Idempotency-Key)` | transaction | `hashtext` |
+//! | [`LEASE`] | the one runner of a log consumer | session | `hashtext(consumer)` |
+//! | [`REBUILD`] | one rebuild or comparison of a projection | session | `hashtext(projection)` |
+//! | [`WRITE`] | appending to one aggregate | transaction | [`write_lock_key`] |
+//! | [`GATEWAY_CALL`] | the gateway call of one saga in flight | session | `hashtext(order id)` |
+
+use sqlx::PgConnection;
+
+/// Class of the lock held while an HTTP command with an `Idempotency-Key` runs.
+pub const IDEMPOTENCY: i32 = 8101;
+/// Class of a log consumer's lease (see `event_log::subscription`).
+pub const LEASE: i32 = 8102;
+/// Class of a projection's rebuild lock.
+pub const REBUILD: i32 = 8103;
+/// Class of aggregate write locks.
+pub const WRITE: i32 = 8104;
+/// Class of the lock on a saga whose gateway call is in flight.
+pub const GATEWAY_CALL: i32 = 8105;
+
+/// The advisory lock key of one aggregate: FNV-1a of `type:id`, folded to 32 bits. Every writer
+/// computes it here, so all of them lock the same key; two aggregates that collide only take
+/// turns.
+pub fn write_lock_key(aggregate_type: &str, id: &str) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in aggregate_type
+        .bytes()
+        .chain(std::iter::once(b':'))
+        .chain(id.bytes())
+    {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Tries to take the session lock `(class, hashtext(name))` on `conn`, without waiting. It is
+/// held until [`unlock_session`] or until the connection closes (so a dead process's locks go
+/// with it); `false` when another session holds it.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn try_session(conn: &mut PgConnection, class: i32, name: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(class)
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+/// Releases a lock taken with [`try_session`]; `false` when this session did not hold it.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn unlock_session(conn: &mut PgConnection, class: i32, name: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(class)
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classes_are_distinct() {
+        let mut classes = [IDEMPOTENCY, LEASE, REBUILD, WRITE, GATEWAY_CALL];
+        classes.sort_unstable();
+        assert!(classes.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn write_lock_keys_tell_type_and_id_apart() {
+        assert_ne!(write_lock_key("order", "a"), write_lock_key("payment", "a"));
+        assert_eq!(write_lock_key("order", "a"), write_lock_key("order", "a"));
+    }
+}
