@@ -139,12 +139,16 @@ async fn live() -> impl IntoResponse {
     Json(json!({ "status": "up" }))
 }
 
-/// `GET /health/ready`: the database answers and every migration is applied.
+/// `GET /health/ready`: the database answers and every migration is applied. Anyone may ask,
+/// so the driver's error (host names, user names) goes to the log, not into the answer.
 async fn ready(State(pool): State<PgPool>) -> Result<impl IntoResponse, ApiError> {
     match event_store::migrations_applied(&pool).await {
         Ok(true) => Ok((StatusCode::OK, Json(json!({ "status": "ready" })))),
         Ok(false) => Err(ApiError::Unavailable("migrations are pending".into())),
-        Err(e) => Err(ApiError::Unavailable(format!("database unreachable: {e}"))),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: the database is unreachable");
+            Err(ApiError::Unavailable("the database is unreachable".into()))
+        }
     }
 }
 
