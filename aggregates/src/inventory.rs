@@ -88,7 +88,7 @@ pub enum ProductEvent {
     StockAdjusted {
         /// Signed change of `on_hand`.
         delta: i64,
-        /// Why.
+        /// Why the stock was adjusted (count, damage, ...), as the admin said.
         reason: Reason,
     },
     /// Units are held for an order.

@@ -107,7 +107,7 @@ pub enum OrderCommand {
     Confirm,
     /// The order cannot be fulfilled.
     Reject {
-        /// Why.
+        /// Why it cannot be fulfilled.
         reason: RejectionReason,
     },
     /// The customer or an admin cancels.
@@ -146,7 +146,7 @@ pub enum OrderEvent {
     OrderConfirmed,
     /// The order could not be fulfilled.
     OrderRejected {
-        /// Why.
+        /// Why it could not be fulfilled.
         reason: RejectionReason,
     },
     /// The order was cancelled.

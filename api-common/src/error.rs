@@ -54,7 +54,7 @@ pub enum ApiError {
     /// The request is malformed: 400, with the offending fields.
     #[error("{detail}")]
     BadRequest {
-        /// Summary.
+        /// What is wrong, in one sentence (the problem's `detail`).
         detail: String,
         /// Each bad field.
         errors: Vec<FieldError>,

@@ -21,7 +21,7 @@ pub enum At {
     Version(i64),
     /// After every event recorded at or before this moment.
     Time(DateTime<Utc>),
-    /// Now.
+    /// After every event recorded so far.
     Latest,
 }
 
@@ -49,13 +49,13 @@ pub enum HistoryError {
     /// A stored event does not deserialize: run `orderline verify`.
     #[error("event {sequence} of {aggregate_type}/{aggregate_id} does not deserialize: {source}")]
     Corrupt {
-        /// Stream.
+        /// The stream's aggregate type (`order`, `inventory`, `payment`).
         aggregate_type: String,
-        /// Stream.
+        /// The stream's aggregate id.
         aggregate_id: String,
         /// Event number.
         sequence: i64,
-        /// Why.
+        /// What the decoder said.
         source: serde_json::Error,
     },
     /// Postgres failed.

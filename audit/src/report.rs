@@ -49,7 +49,7 @@ pub enum Outcome {
     },
     /// Not compared, and why (a rebuild runs, or the projection is behind the log).
     Skipped {
-        /// Why.
+        /// Why it was not compared, in words.
         why: String,
     },
     /// Differs from a fold of the log.

@@ -22,9 +22,9 @@ pub struct Exported {
     pub transaction_id: i64,
     /// Event id.
     pub event_id: Uuid,
-    /// Stream.
+    /// The stream's aggregate type (`order`, `inventory`, `payment`).
     pub aggregate_type: String,
-    /// Stream.
+    /// The stream's aggregate id.
     pub aggregate_id: String,
     /// Sequence in the stream.
     pub sequence: i64,

@@ -174,16 +174,12 @@ pub async fn register_products(
 ) -> anyhow::Result<()> {
     stream::iter(0..count)
         .map(|i| async move {
-            let body = json!({"sku": format!("P{i}"), "name": format!("Product {i}"),
-                              "price": {"amount_minor": 100, "currency": "EUR"},
-                              "initial_stock": stock});
-            client
-                .post(format!("{base}/api/v1/products"))
-                .bearer_auth(admin)
-                .json(&body)
-                .send()
-                .await?
-                .error_for_status()?;
+            let sku = format!("P{i}");
+            let stock = i64::try_from(stock)?;
+            let created =
+                testkit::client::register_product(client, base, admin, (&sku, 100, stock), None)
+                    .await;
+            created.error_for_status()?;
             anyhow::Ok(())
         })
         .buffer_unordered(16)

@@ -66,8 +66,10 @@ pub async fn seed(pool: &PgPool, products: usize) -> anyhow::Result<()> {
 async fn append_one(pool: &PgPool, sku: &str, take_turns: bool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     if take_turns {
-        sqlx::query("SELECT pg_advisory_xact_lock(8104, hashtext('inventory:' || $1))")
-            .bind(sku)
+        // The very lock orderline's writers take on the SKU's stream.
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(event_store::locks::WRITE)
+            .bind(event_store::locks::write_lock_key("inventory", sku))
             .execute(&mut *tx)
             .await?;
     }

@@ -74,18 +74,11 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
 
     let mut samples: std::collections::BTreeMap<String, Vec<Sample>> = Default::default();
     let drained = loop {
-        let rows: Vec<(String, i64, f64)> = sqlx::query_as(
-            "SELECT c.consumer,
-                    (SELECT count(*) FROM events e
-                      WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)),
-                    coalesce(extract(epoch FROM clock_timestamp() - (
-                        SELECT e.recorded_at FROM events e
-                         WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
-                         ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0)
-               FROM checkpoints c",
-        )
-        .fetch_all(pool)
-        .await?;
+        let rows: Vec<(String, i64, f64)> = event_log::checkpoints::progress(pool)
+            .await?
+            .into_iter()
+            .map(|p| (p.name, p.lag, p.lag_seconds))
+            .collect();
         let load_finished = matches!(
             done_rx.try_recv(),
             Ok(()) | Err(oneshot::error::TryRecvError::Closed)
@@ -99,12 +92,11 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
         if load_finished {
             let drain_started = Instant::now();
             let drained = loop {
-                let behind: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM checkpoints c WHERE EXISTS (SELECT 1 FROM events e
-                      WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position))",
-                )
-                .fetch_one(pool)
-                .await?;
+                let behind = event_log::checkpoints::progress(pool)
+                    .await?
+                    .iter()
+                    .filter(|p| p.lag > 0)
+                    .count();
                 if behind == 0 {
                     break drain_started.elapsed();
                 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 mod api;
 mod baseline;
@@ -160,13 +160,9 @@ pub(crate) struct BenchDatabase {
 impl BenchDatabase {
     /// Creates and migrates a database with a random name.
     pub async fn create() -> anyhow::Result<Self> {
-        let name = format!("orderline_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&server_url())
+        let (name, _) = testkit::database::create_on(&server_url(), "orderline_bench")
             .await
             .context("cannot reach Postgres (set DATABASE_URL)")?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
         let url = database_url(&name)?;
         let pool = event_store::connect(&url, 16).await?;
         event_store::MIGRATOR.run(&pool).await?;
@@ -176,10 +172,7 @@ impl BenchDatabase {
     /// Drops the database.
     pub async fn drop(self) -> anyhow::Result<()> {
         self.pool.close().await;
-        let mut admin = PgConnection::connect(&server_url()).await?;
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
-            .execute(&mut admin)
-            .await?;
+        testkit::database::drop_on(&server_url(), &self.name).await?;
         Ok(())
     }
 }

@@ -70,10 +70,11 @@ pub async fn run(pool: &PgPool, events: u64, brokers: &str) -> anyhow::Result<Ve
     let started = Instant::now();
     let relays = Subscriptions::spawn(pool, vec![Arc::new(relay)], &RunnerConfig::default());
     loop {
-        let position: Option<i64> =
-            sqlx::query_scalar("SELECT position FROM checkpoints WHERE consumer = 'kafka-relay'")
-                .fetch_optional(pool)
-                .await?;
+        let position = event_log::checkpoints::progress(pool)
+            .await?
+            .into_iter()
+            .find(|p| p.name == kafka_relay::CONSUMER_NAME)
+            .map(|p| p.position);
         if position >= log.last().map(|e| e.position) {
             break;
         }

@@ -1,13 +1,13 @@
-//! The whole orderline server running inside the bench process, with a catalog to order from.
+//! The whole orderline server running inside the bench process (`testkit`'s in-process server),
+//! with a catalog to order from.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use api_common::auth::{Role, TokenKeys};
-use orderline::{Application, Parts};
+use orderline::Parts;
+use testkit::server::{InProcess, Options};
 
 /// A running server and what a load generator needs to talk to it.
 pub struct BenchServer {
@@ -19,8 +19,7 @@ pub struct BenchServer {
     pub admin: String,
     /// A customer's token.
     pub customer: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<std::io::Result<()>>,
+    server: InProcess,
 }
 
 impl BenchServer {
@@ -28,25 +27,18 @@ impl BenchServer {
     /// `P{products-1}` at 1.00 EUR with a million units each.
     pub async fn start(pool: &PgPool, products: usize) -> anyhow::Result<Self> {
         let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
-        let app = Application::new(
-            ([127, 0, 0, 1], 0).into(),
-            pool.clone(),
-            keys.clone(),
-            Parts::ALL,
-        )
-        .await?;
-        let base = format!("http://{}", app.local_addr()?);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            stopped.await.ok();
-        }));
+        let server = InProcess::start(pool, &keys, Options::parts(Parts::ALL))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         let server = Self {
-            base,
+            base: server
+                .address
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("the API runs"))?,
             client: reqwest::Client::new(),
             admin: keys.mint("bench", Role::Admin, Duration::from_secs(3600))?,
             customer: keys.mint("bench-customer", Role::Customer, Duration::from_secs(3600))?,
-            stop,
-            task,
+            server,
         };
         crate::api::register_products(
             &server.client,
@@ -61,8 +53,7 @@ impl BenchServer {
 
     /// Shuts the server down gracefully and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.send(()).ok();
-        self.task.await??;
+        self.server.stop().await?;
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! - Writers load inside their own transaction, under the aggregate's write lock
 //!   ([`EventStore::begin_locked`], [`EventStore::lock_and_load`]): snapshot plus the events
 //!   after it in one query. Readers outside a transaction go through postgres-es's
-//!   [`PostgresEventRepository`] ([`EventStore::load`]); the table layout stays the one
+//!   [`PostgresEventRepository`](postgres_es::PostgresEventRepository) ([`EventStore::load`]); the table layout stays the one
 //!   postgres-es knows.
 //! - Appending is ours ([`EventStore::append`]): it runs inside a transaction the caller owns, so
 //!   the idempotency record of an HTTP command and the aggregate's snapshot commit atomically with

@@ -186,7 +186,7 @@ const UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
 const STREAM_POSITION: &str = include_str!("sql/stream_position.sql");
 
 impl EventStore {
-    /// Wraps a pool whose database has been migrated with [`MIGRATOR`].
+    /// Wraps a pool whose database has been migrated with [`MIGRATOR`](crate::MIGRATOR).
     pub fn new(pool: PgPool) -> Self {
         let repository = std::sync::Arc::new(PostgresEventRepository::new(pool.clone()));
         Self { pool, repository }

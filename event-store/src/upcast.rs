@@ -3,7 +3,7 @@
 //! The log is never rewritten (its hash chains cover the stored form, ADR 9); old events are
 //! turned into current ones on the way in, wherever events are read: aggregate loads, the
 //! loads under the write lock, time travel, `verify`, and every log consumer (through
-//! [`crate::log::LogEvent::current`]). An upcaster may keep one event (1 → 1), split it
+//! `event_log::LogEvent::current`). An upcaster may keep one event (1 → 1), split it
 //! (1 → N) or drop it (1 → 0); they chain until no upcaster applies.
 //!
 //! | stored | becomes | why |

@@ -167,7 +167,7 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// Everything.
+    /// Every part: what `orderline serve` runs by default.
     pub const ALL: Self = Self {
         api: true,
         projections: true,

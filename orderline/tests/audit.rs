@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use api_common::auth::{Role, TokenKeys};
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 mod support;
 use support::{
-    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
+    drop_database, free_port, fresh_database, orderline, place_order, register_product, until,
     wait_ready, SECRET,
 };
 
@@ -82,8 +82,7 @@ async fn until_saga(pool: &PgPool, order: &str, state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin, "orderline_audit").await;
+    let (database, url) = fresh_database("orderline_audit").await;
     let port = free_port();
     let keys = TokenKeys::hs256(SECRET.as_bytes());
     let shop = Shop {
@@ -263,7 +262,7 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
     let exported = stdout(&cli(&url, &["export"]));
     let file = std::env::temp_dir().join(format!("{database}.ndjson"));
     std::fs::write(&file, &exported).unwrap();
-    let (copy, copy_url) = fresh_database(&mut admin, "orderline_import").await;
+    let (copy, copy_url) = fresh_database("orderline_import").await;
     let imported = stdout(&cli(&copy_url, &["import", file.to_str().unwrap()]));
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&pool)
@@ -297,10 +296,7 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
         "import into a database with events must refuse"
     );
     copy_pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {copy} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&copy).await;
     std::fs::remove_file(&file).ok();
     let (position, original): (i64, Value) = sqlx::query_as(
         "SELECT position, payload FROM events WHERE aggregate_id = $1 AND sequence = 1",
@@ -355,8 +351,5 @@ async fn an_orders_story_time_travel_and_verify_from_the_command_line() {
     assert!(text.contains("missing"), "{text}");
 
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&database).await;
 }

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 mod support;
-use support::{free_port, fresh_database, server_url, until, wait_ready};
+use support::{drop_database, free_port, fresh_database, until, wait_ready};
 
 /// The binary with `args`, on `database_url` (or the private cluster in `data_dir`).
 fn binary(args: &[&str], database_url: Option<&str>, data_dir: Option<&Path>) -> Command {
@@ -70,20 +70,17 @@ async fn add_events(pool: &PgPool, count: i64) -> i64 {
 }
 
 /// A migrated fresh database: its name, URL and a pool on it.
-async fn database(admin: &mut PgConnection) -> (String, String, PgPool) {
-    let (name, url) = fresh_database(admin, "orderline_cli").await;
+async fn database() -> (String, String, PgPool) {
+    let (name, url) = fresh_database("orderline_cli").await;
     let migrated = run(&["migrate"], Some(&url));
     assert!(migrated.status.success(), "{migrated:?}");
     let pool = PgPool::connect(&url).await.unwrap();
     (name, url, pool)
 }
 
-async fn drop_database(admin: &mut PgConnection, name: &str, pool: PgPool) {
+async fn drop_with_pool(name: &str, pool: PgPool) {
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(admin)
-        .await
-        .unwrap();
+    drop_database(name).await;
 }
 
 #[test]
@@ -121,8 +118,7 @@ fn every_help_says_what_the_command_does_and_what_it_reads() {
 
 #[tokio::test]
 async fn logs_are_plain_text_when_not_on_a_terminal_and_verify_tells_its_failures_apart() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (name, url) = fresh_database(&mut admin, "orderline_cli").await;
+    let (name, url) = fresh_database("orderline_cli").await;
     let migrated = run(&["migrate"], Some(&url));
     assert!(migrated.status.success());
     let log = String::from_utf8(migrated.stderr).unwrap();
@@ -134,16 +130,12 @@ async fn logs_are_plain_text_when_not_on_a_terminal_and_verify_tells_its_failure
     assert_eq!(run(&["verify"], Some(&url)).status.code(), Some(0));
     let unreachable = run(&["verify"], Some("postgres://postgres@127.0.0.1:1/none"));
     assert_eq!(unreachable.status.code(), Some(2), "could not check");
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn following_after_a_position_not_written_yet_starts_after_it_and_ctrl_c_ends_it() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (name, url, pool) = database(&mut admin).await;
+    let (name, url, pool) = database().await;
     let head = add_events(&pool, 3).await;
     let after = head + 2;
     let mut follow = binary(
@@ -185,13 +177,12 @@ async fn following_after_a_position_not_written_yet_starts_after_it_and_ctrl_c_e
         })
         .collect();
     assert_eq!(positions, [after + 1, after + 2]);
-    drop_database(&mut admin, &name, pool).await;
+    drop_with_pool(&name, pool).await;
 }
 
 #[tokio::test]
 async fn output_cut_short_by_its_reader_ends_the_command_quietly() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (name, url, pool) = database(&mut admin).await;
+    let (name, url, pool) = database().await;
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata)
@@ -213,7 +204,7 @@ async fn output_cut_short_by_its_reader_ends_the_command_quietly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    drop_database(&mut admin, &name, pool).await;
+    drop_with_pool(&name, pool).await;
 }
 
 /// Whether a Postgres server runs on `data_dir` (its `postmaster.pid` names a live process).

@@ -14,13 +14,13 @@ use std::time::Duration;
 use api_common::auth::{Role, TokenKeys};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 const REQUESTS: usize = 300;
 
 mod support;
 use support::{
-    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
+    drop_database, free_port, fresh_database, orderline, place_order, register_product, until,
     wait_ready, SECRET,
 };
 
@@ -47,8 +47,7 @@ async fn restock(client: &reqwest::Client, base: &str, token: &str, i: usize) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_loses_no_acknowledged_command_and_retries_apply_once() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin, "orderline_crash").await;
+    let (database, url) = fresh_database("orderline_crash").await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -136,10 +135,7 @@ async fn a_killed_server_loses_no_acknowledged_command_and_retries_apply_once() 
     assert_eq!(events, requests, "each restock applied exactly once");
     assert_eq!(total, (1..=requests).sum::<i64>());
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&database).await;
 }
 
 /// Every row of `table` as JSON, ordered by `key`.
@@ -171,8 +167,7 @@ async fn caught_up(pool: &PgPool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_killed_before_its_commit_applies_nothing_twice() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin, "orderline_crash").await;
+    let (database, url) = fresh_database("orderline_crash").await;
     let client = reqwest::Client::new();
     let (token, alice) = (
         support::token("ops", Role::Admin),
@@ -232,8 +227,5 @@ async fn a_projection_killed_before_its_commit_applies_nothing_twice() {
     .unwrap();
     assert_eq!(applied, events);
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&database).await;
 }

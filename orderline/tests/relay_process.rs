@@ -15,11 +15,11 @@ use api_common::auth::{Role, TokenKeys};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 mod support;
 use support::{
-    free_port, fresh_database, orderline, place_order, register_product, server_url, until,
+    drop_database, free_port, fresh_database, orderline, place_order, register_product, until,
     wait_ready, SECRET,
 };
 
@@ -33,8 +33,7 @@ fn brokers() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_broker() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin, "orderline_relay").await;
+    let (database, url) = fresh_database("orderline_relay").await;
     // Topics of this run only: the broker outlives test runs.
     let prefix = format!("orderline-test-{}", uuid::Uuid::new_v4().simple());
     let port = free_port();
@@ -162,8 +161,5 @@ async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_br
     let order_events = log.values().filter(|(t, _, _)| t == "order").count();
     assert_eq!(order_events, ORDERS * 2);
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&database).await;
 }

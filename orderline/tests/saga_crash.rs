@@ -14,7 +14,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use api_common::auth::{Role, TokenKeys};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 /// Payment tokens of the orders, in turn: every path through the authorization step.
 const TOKENS: [&str; 6] = [
@@ -35,7 +35,8 @@ const CRASH_POINTS: [(&str, &str); 4] = [
 
 mod support;
 use support::{
-    free_port, fresh_database, place_order, register_product, server_url, until, wait_ready, SECRET,
+    drop_database, free_port, fresh_database, place_order, register_product, until, wait_ready,
+    SECRET,
 };
 
 fn orderline(database_url: &str, port: u16, only: &str, env: &[(&str, &str)]) -> Child {
@@ -84,8 +85,7 @@ async fn count(pool: &PgPool, sql: &str, id: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_runner_killed_at_every_step_boundary_completes_every_order_exactly_once() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin, "orderline_saga_crash").await;
+    let (database, url) = fresh_database("orderline_saga_crash").await;
     let keys = TokenKeys::hs256(SECRET.as_bytes());
     let ops = keys
         .mint("ops", Role::Admin, Duration::from_secs(600))
@@ -203,8 +203,5 @@ async fn a_saga_runner_killed_at_every_step_boundary_completes_every_order_exact
     .unwrap();
     assert_eq!(reserved, [("A".to_owned(), 5), ("B".to_owned(), 10)]);
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&database).await;
 }

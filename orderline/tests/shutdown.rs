@@ -11,12 +11,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use api_common::auth::Role;
-use sqlx::{Connection, PgConnection};
 
 mod support;
 use support::{
-    free_port, fresh_database, orderline, place_order, register_product, server_url, token, until,
-    wait_ready,
+    drop_database, free_port, fresh_database, orderline, place_order, register_product, token,
+    until, wait_ready,
 };
 
 /// Reads `response` until its text so far contains `needle` or the stream ends; the text read.
@@ -32,8 +31,7 @@ async fn read_until(response: &mut reqwest::Response, text: &mut String, needle:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_open_status_streams_and_the_server_exits() {
-    let mut admin = PgConnection::connect(&server_url()).await.unwrap();
-    let (database, url) = fresh_database(&mut admin, "orderline_shutdown").await;
+    let (database, url) = fresh_database("orderline_shutdown").await;
     let client = reqwest::Client::new();
     let (ops, alice) = (token("ops", Role::Admin), token("alice", Role::Customer));
     let port = free_port();
@@ -86,8 +84,5 @@ async fn sigterm_closes_open_status_streams_and_the_server_exits() {
         "the stream stays open"
     );
 
-    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    drop_database(&database).await;
 }

@@ -43,7 +43,7 @@ pub struct OrderRow {
     pub reason: Option<String>,
     /// `[{sku, quantity, unit_price}]`.
     pub lines: Value,
-    /// Money.
+    /// The order total, `{amount_minor, currency}`.
     pub total: Value,
     /// Every status, oldest first.
     pub history: Vec<StatusChange>,

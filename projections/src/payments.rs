@@ -40,7 +40,7 @@ pub enum Status {
 pub struct PaymentChange {
     /// The new status.
     pub status: Status,
-    /// When.
+    /// When the payment reached it (its event's `recorded_at`).
     pub at: DateTime<Utc>,
 }
 

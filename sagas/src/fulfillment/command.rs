@@ -19,7 +19,7 @@ pub enum Action {
     Reserve {
         /// The SKU.
         sku: Sku,
-        /// Units.
+        /// Units to hold for the order (the line's quantity).
         quantity: Quantity,
     },
     /// Release the order's reservation on `sku` (releasing nothing is a no-op).
@@ -45,14 +45,14 @@ pub enum Action {
     ConfirmOrder,
     /// Reject the order. Report [`Outcome::Refused`] if the order was cancelled meanwhile.
     RejectOrder {
-        /// Why.
+        /// Why the order is rejected (out of stock, declined, payment failed).
         reason: RejectionReason,
     },
     /// Call the gateway at `due` (not before); the saga waits for [`Fulfillment::on_gateway`].
     Call {
         /// What to call.
         op: GatewayOp,
-        /// When.
+        /// When the call is due: now, or after a retry's back-off.
         due: DateTime<Utc>,
     },
     /// Nothing to do until an order event arrives (confirmed, or finished, or stuck).

@@ -48,7 +48,7 @@ pub use view::{reason_str, Entry, SagaState};
 pub struct Line {
     /// The SKU.
     pub sku: Sku,
-    /// Units.
+    /// Units ordered, all reserved together.
     pub quantity: Quantity,
 }
 

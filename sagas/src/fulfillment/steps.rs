@@ -4,11 +4,11 @@
 //!
 //! | step | forward | compensation | at shipment |
 //! |---|---|---|---|
-//! | [`reserve_stock`] | reserve each line, in SKU order | release, newest first | commit each line |
-//! | [`authorize_payment`] | request, then authorize (or ask after a lost answer) | ask, then void or refund | capture |
-//! | [`confirm_order`] | confirm once authorized | none (the order is rejected after the compensations) | none |
+//! | `reserve_stock` | reserve each line, in SKU order | release, newest first | commit each line |
+//! | `authorize_payment` | request, then authorize (or ask after a lost answer) | ask, then void or refund | capture |
+//! | `confirm_order` | confirm once authorized | none (the order is rejected after the compensations) | none |
 //!
-//! Adding a step is one module here and one entry in [`STEPS`]; the saga's driver
+//! Adding a step is one module here and one entry in `STEPS`; the saga's driver
 //! ([`Fulfillment::next`]) walks the table forward, backward or for settlement by goal.
 
 use chrono::{DateTime, Utc};

@@ -57,7 +57,7 @@ impl SagaState {
 /// One entry of a saga's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// When.
+    /// When it happened (the clock the runtime passed in).
     pub at: DateTime<Utc>,
     /// What happened, in words.
     pub what: String,

@@ -13,7 +13,7 @@
 //!   its connection and the call is made again with the same idempotency key: the provider
 //!   answers as before and charges nothing twice.
 //!
-//! Both drive the saga the same way ([`drive`] here): ask it for the next action, perform the
+//! Both drive the saga the same way (`drive` here): ask it for the next action, perform the
 //! aggregate command in the caller's transaction, report the outcome, until it waits.
 
 use std::time::Duration;

@@ -1,8 +1,8 @@
 use aggregates::inventory::{Product, ProductCommand};
 use aggregates::values::{OrderId, Quantity};
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::Value;
+use testkit::{json_body, TestApp};
 use uuid::Uuid;
 
 #[tokio::test]

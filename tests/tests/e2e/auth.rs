@@ -1,7 +1,7 @@
 use api_common::auth::Role;
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{json_body, TestApp};
 
 #[tokio::test]
 async fn a_command_without_a_token_is_401_with_a_bearer_challenge() {

@@ -1,7 +1,7 @@
 use futures::future::join_all;
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{json_body, TestApp};
 
 /// Every stream's sequence numbers run 1, 2, 3, ... with no gap and no repeat.
 async fn assert_no_gaps(app: &TestApp) {

@@ -3,9 +3,9 @@
 //! settlement rules.
 
 use aggregates::values::{Currency, Money, PaymentToken};
-use orderline_tests::TestApp;
 use sagas::gateway::simulated::SimulatedGateway;
 use sagas::gateway::{Authorization, GatewayError, PaymentGateway};
+use testkit::TestApp;
 
 fn eur(minor: i64) -> Money {
     Money::new(minor, Currency::parse("EUR").unwrap()).unwrap()

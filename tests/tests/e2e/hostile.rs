@@ -8,9 +8,9 @@ use aggregates::inventory::{Product, ProductCommand};
 use aggregates::values::{Currency, Money, ProductName, Sku};
 use api_common::auth::{Role, ISSUER};
 use orderline::Parts;
-use orderline_tests::{json_body, TestApp};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
+use testkit::{json_body, TestApp};
 
 /// Asserts a problem+json answer with `status`, naming `field` when given; returns the body.
 async fn problem(response: Response, status: StatusCode, field: Option<&str>) -> Value {

@@ -1,6 +1,6 @@
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{json_body, TestApp};
 
 /// Orders placed so far (the saga's confirmations, which race with the test, do not count).
 async fn order_events(app: &TestApp) -> i64 {

@@ -1,6 +1,6 @@
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{json_body, TestApp};
 
 #[tokio::test]
 async fn registering_a_product_answers_201_with_position_and_location() {

@@ -5,9 +5,9 @@
 //! thousands.
 
 use orderline::Parts;
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::Value;
+use testkit::{json_body, TestApp};
 
 const EVENTS: i64 = 1_000_000;
 

@@ -13,8 +13,8 @@ use aggregates::values::{
 use event_store::{EventStore, Metadata};
 use futures::future::join_all;
 use orderline::Parts;
-use orderline_tests::TestApp;
 use proptest::prelude::*;
+use testkit::TestApp;
 use uuid::Uuid;
 
 fn quantity(n: i64) -> Quantity {

@@ -4,7 +4,7 @@
 //! notifying event.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use event_log::subscription::{RunnerConfig, Subscriptions};
 use integrations::inbox::{InboxConfig, InboxConsumer};
@@ -13,9 +13,10 @@ use integrations::notifications::{
     SmtpNotifier,
 };
 use kafka_relay::{KafkaRelay, RelayConfig, AGGREGATE_TYPES};
-use orderline_tests::{json_body, TestApp};
 use rdkafka::mocking::MockCluster;
 use serde_json::json;
+use testkit::process::until;
+use testkit::{json_body, TestApp};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -77,17 +78,6 @@ async fn ship(app: &TestApp, id: &str) {
     let path = format!("/api/v1/orders/{id}/ship");
     app.post(&path, Some(&app.admin()), &json!({"carrier": "DHL"}), &[])
         .await;
-}
-
-async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !done().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn count(app: &TestApp, sql: &str) -> i64 {

@@ -1,7 +1,7 @@
 use aggregates::order::{Order, OrderCommand};
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{json_body, TestApp};
 use uuid::Uuid;
 
 async fn payload(app: &TestApp, order_id: &str, event_type: &str) -> Value {

@@ -4,9 +4,9 @@ use aggregates::inventory::{Product, ProductCommand};
 use aggregates::order::{Order, OrderCommand};
 use aggregates::values::{OrderId, Quantity};
 use api_common::auth::Role;
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{json_body, TestApp};
 use uuid::Uuid;
 
 fn position(response: &reqwest::Response) -> i64 {

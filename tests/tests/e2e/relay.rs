@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use event_log::subscription::{Consumer, ConsumerError, RunnerConfig, Subscriptions, Transient};
 use event_log::LogEvent;
 use kafka_relay::{KafkaRelay, RelayConfig, AGGREGATE_TYPES};
-use orderline_tests::TestApp;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use serde_json::Value;
+use testkit::TestApp;
 use uuid::Uuid;
 
 /// One message as read back from Kafka.

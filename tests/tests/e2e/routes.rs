@@ -6,9 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use api_common::auth::ISSUER;
 use orderline::Parts;
-use orderline_tests::TestApp;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{json, Value};
+use testkit::TestApp;
 
 const SECRET: &str = "a-route-matrix-secret-of-32-bytes-or-more";
 

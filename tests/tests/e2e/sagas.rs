@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use futures::future::join_all;
 use orderline::Parts;
-use orderline_tests::{json_body, saga_config, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{json_body, saga_config, TestApp};
 
 /// The order as `GET /api/v1/orders/{id}` shows it once the saga and projections are done.
 async fn order(app: &TestApp, id: &str) -> Value {

@@ -3,8 +3,8 @@ use aggregates::values::{Quantity, Reason};
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::DomainEvent;
 use event_store::{EventStore, Metadata, StoreError};
-use orderline_tests::TestApp;
 use postgres_es::PostgresEventRepository;
+use testkit::TestApp;
 use uuid::Uuid;
 
 fn metadata() -> Metadata {

@@ -3,9 +3,9 @@
 //! is never rewritten.
 
 use event_store::chain::Hashed;
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{json_body, TestApp};
 use uuid::Uuid;
 
 /// Appends a hand-made event of `version` at the end of its stream, chained like orderline's.

@@ -1,6 +1,6 @@
-use orderline_tests::{json_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{json_body, TestApp};
 
 async fn send(app: &TestApp, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
     let response = app.post(path, Some(token), &body, &[]).await;
