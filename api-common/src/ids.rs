@@ -113,7 +113,18 @@ pub async fn assign_ids(mut req: Request, next: Next) -> Response {
             .extensions_mut()
             .remove::<InternalCause>()
             .map_or_else(|| "no cause recorded".to_owned(), |c| c.0);
-        tracing::error!(%status, elapsed_ms, cause, "request failed");
+        // The ids are on the line itself, not only on the span: at `RUST_LOG=error` the
+        // info-level span is off, and the line must still say which request failed.
+        tracing::error!(
+            request_id = %ids.request_id,
+            correlation_id = %ids.correlation_id,
+            %method,
+            %path,
+            %status,
+            elapsed_ms,
+            cause,
+            "request failed"
+        );
     } else {
         tracing::debug!(%status, elapsed_ms, "request");
     }

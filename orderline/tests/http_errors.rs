@@ -278,3 +278,54 @@ async fn a_success_that_needs_no_database_is_plain_json() {
         "application/json"
     );
 }
+
+/// A log line sink for one test.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_500_is_logged_once_with_its_request_id_and_its_cause() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::ERROR)
+        .finish();
+    // This test runs on one thread, so the subscriber sees every line the request logs.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let response = app()
+        .oneshot(
+            Request::builder()
+                .uri("/api/v1/products")
+                .header(
+                    header::AUTHORIZATION,
+                    format!("Bearer {}", token(Role::Customer)),
+                )
+                .header("x-request-id", "req-500-once")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("req-500-once")).collect();
+    assert_eq!(lines.len(), 1, "one line per failed request:\n{log}");
+    assert!(
+        lines[0].contains("status=500") && lines[0].contains("pool timed out"),
+        "the line names the status and the cause: {}",
+        lines[0]
+    );
+}
