@@ -126,7 +126,11 @@ impl InboxConsumer {
                 config.group_id.as_deref().unwrap_or(handler.name()),
             )
             .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // A subscribed topic that does not exist yet (the relay creates the topics on its
+            // first publish) is looked for again at each metadata refresh: every 10 s, not
+            // librdkafka's default of 5 minutes.
+            .set("topic.metadata.refresh.interval.ms", "10000");
         if config.brokers.contains("127.0.0.1") {
             client.set("broker.address.family", "v4");
         }

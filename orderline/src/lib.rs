@@ -1,9 +1,9 @@
 //! The `orderline` server: wires the crates into one HTTP application.
 //!
-//! [`app`] builds the router (command and query routes, health, problem+json fallbacks) and
-//! [`Application`] runs the parts of the server: the HTTP API on a port, the projections
-//! following the log, the fulfillment saga (its log consumer and its gateway worker) and the
-//! Kafka relay. The binary (`main.rs`, `cli/`) adds the commands; [`database`] is the one
+//! [`app`] builds the router (command, query and admin routes, health, problem+json fallbacks)
+//! and [`Application`] runs the parts of the server under one lifecycle: the HTTP API on a
+//! port, the projections following the log, the fulfillment saga (its log consumer and its
+//! gateway worker), the Kafka relay and, when asked for, the notifications integrator. The binary (`main.rs`, `cli/`) adds the commands; [`database`] is the one
 //! open/migrate/close path, over [`settings`] and the private cluster ([`local_postgres`]). Tests use [`Application`] on port 0.
 
 pub mod database;
@@ -29,6 +29,10 @@ use api_common::ids;
 use command_api::CommandState;
 use event_log::subscription::{Consumer, RunnerConfig, Subscriptions};
 use event_store::EventStore;
+use integrations::inbox::{InboxConfig, InboxConsumer};
+use integrations::notifications::{
+    LogNotifier, NotificationsHandler, Notifier, Sender, SenderConfig,
+};
 use kafka_relay::{KafkaRelay, RelayConfig};
 use query_api::live::{LiveHandle, LiveUpdates};
 use query_api::QueryState;
@@ -164,6 +168,10 @@ pub struct Parts {
     pub sagas: bool,
     /// Run the Kafka relay (when Kafka is configured).
     pub relay: bool,
+    /// Run the notifications integrator: read the Kafka topics and send e-mail (or log) about
+    /// orders and low stock. Needs Kafka; not part of [`Parts::ALL`], it runs only when asked
+    /// for (an integrator, like any other consumer of the topics).
+    pub notifications: bool,
 }
 
 impl Parts {
@@ -173,6 +181,7 @@ impl Parts {
         projections: true,
         sagas: true,
         relay: true,
+        notifications: false,
     };
 
     /// Nothing; switch on what you need.
@@ -181,6 +190,7 @@ impl Parts {
         projections: false,
         sagas: false,
         relay: false,
+        notifications: false,
     };
 }
 
@@ -196,6 +206,7 @@ pub struct Application {
     gateway: Arc<dyn PaymentGateway>,
     saga: SagaConfig,
     kafka: Option<RelayConfig>,
+    notifier: Option<Arc<dyn Notifier>>,
 }
 
 impl Application {
@@ -230,6 +241,7 @@ impl Application {
             runner: RunnerConfig::default(),
             saga: SagaConfig::default(),
             kafka: None,
+            notifier: None,
         })
     }
 
@@ -264,6 +276,38 @@ impl Application {
         self
     }
 
+    /// Sends notifications through `notifier` (when this process runs the notifications part);
+    /// without one they go to the log.
+    #[must_use]
+    pub fn with_notifier(mut self, notifier: Arc<dyn Notifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// Starts the notifications integrator: its inbox on the order and inventory topics and
+    /// its sender.
+    ///
+    /// # Errors
+    /// When Kafka is not configured or the consumer cannot join its group.
+    fn start_notifications(&self) -> std::io::Result<(InboxConsumer, Sender)> {
+        let kafka = self.kafka.as_ref().ok_or_else(|| {
+            std::io::Error::other("the notifications part needs ORDERLINE_KAFKA_BROKERS")
+        })?;
+        let topics = vec![kafka.topic("order"), kafka.topic("inventory")];
+        let inbox = InboxConsumer::spawn(
+            self.pool.clone(),
+            &InboxConfig::new(kafka.brokers.clone(), topics),
+            Arc::new(NotificationsHandler),
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot join the Kafka consumer group: {e}")))?;
+        let notifier = self
+            .notifier
+            .clone()
+            .unwrap_or_else(|| Arc::new(LogNotifier) as Arc<dyn Notifier>);
+        let sender = Sender::spawn(self.pool.clone(), notifier, SenderConfig::default());
+        Ok((inbox, sender))
+    }
+
     /// The address the API is bound to.
     ///
     /// # Errors
@@ -277,14 +321,18 @@ impl Application {
 
     /// Runs until `shutdown` completes. The API then stops accepting and lets in-flight
     /// requests finish (a command that was answered has committed); the projections finish
-    /// their current page.
+    /// their current page, the notifications integrator its message.
     ///
     /// # Errors
-    /// When the listener fails.
+    /// When the listener fails, or the notifications part cannot start.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let notifications = match self.parts.notifications {
+            true => Some(self.start_notifications()?),
+            false => None,
+        };
         let store = EventStore::new(self.pool.clone());
         let mut consumers = Vec::new();
         if self.parts.projections {
@@ -333,6 +381,10 @@ impl Application {
         }
         if let Some(subscriptions) = subscriptions {
             subscriptions.shutdown().await;
+        }
+        if let Some((inbox, sender)) = notifications {
+            inbox.stop().await;
+            sender.stop().await;
         }
         served
     }

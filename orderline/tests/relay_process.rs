@@ -163,3 +163,74 @@ async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_br
     pool.close().await;
     drop_database(&database).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifications_part_mails_a_confirmed_order_from_the_topics_and_stops_on_sigterm() {
+    let (database, url) = fresh_database("orderline_notify").await;
+    let prefix = format!("orderline-test-{}", uuid::Uuid::new_v4().simple());
+    let brokers = brokers();
+    let (smtp_port, received) = testkit::smtp::sink().await;
+    let smtp_port = smtp_port.to_string();
+    let kafka = [
+        ("ORDERLINE_KAFKA_BROKERS", brokers.as_str()),
+        ("ORDERLINE_KAFKA_TOPIC_PREFIX", prefix.as_str()),
+        ("ORDERLINE_KAFKA_PARTITIONS", "1"),
+    ];
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = orderline(&url, port, &["serve"], &kafka);
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    let mut notify_env = kafka.to_vec();
+    notify_env.extend([
+        ("ORDERLINE_NOTIFY_SMTP_HOST", "127.0.0.1"),
+        ("ORDERLINE_NOTIFY_SMTP_PORT", smtp_port.as_str()),
+        ("ORDERLINE_NOTIFY_CUSTOMER_DOMAIN", "customers.example"),
+    ]);
+    // Its own process, as an integrator would run it, with no HTTP listener.
+    let mut notifications = orderline(
+        &url,
+        free_port(),
+        &["serve", "--only", "notifications"],
+        &notify_env,
+    );
+    let ops = support::token("ops", Role::Admin);
+    register_product(&client, &base, &ops, "A", 100, 20).await;
+    let order = place_order(
+        &client,
+        &base,
+        &support::token("ana", Role::Customer),
+        &[("A", 1)],
+        "tok_visa",
+    )
+    .await;
+    let subject = format!("Your order {} is confirmed", &order[..8]);
+    until("the confirmation is mailed", async || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("To: ana@customers.example") && m.contains(&subject))
+    })
+    .await;
+
+    let terminated = std::process::Command::new("kill")
+        .args(["-TERM", &notifications.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let mut status = None;
+    until("the notifications part exits after SIGTERM", async || {
+        status = notifications.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    let status = status.unwrap();
+    assert!(
+        status.success(),
+        "serve --only notifications exited with {status}"
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop_database(&database).await;
+}

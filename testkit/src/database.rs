@@ -7,7 +7,7 @@ use uuid::Uuid;
 /// local default `scripts/ensure-postgres` sets up.
 pub fn server_url() -> String {
     std::env::var("ORDERLINE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// The URL of database `name` on the server `server` names (any database URL on it), with the

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::ValueEnum;
 
 use api_common::auth::TokenKeys;
+use integrations::notifications::{LogNotifier, Notifier, SmtpNotifier};
 use orderline::database::{self, Opened, Signal};
 use orderline::settings::{Gateway, Settings};
 use orderline::{Application, Parts};
@@ -53,17 +54,20 @@ impl Part {
                 relay: true,
                 ..Parts::NONE
             },
-            Some(Part::Notifications) => Parts::NONE,
+            Some(Part::Notifications) => Parts {
+                notifications: true,
+                ..Parts::NONE
+            },
         }
     }
 }
 
 /// `orderline serve [--only PART]`: migrates, then runs the chosen parts until `signal`.
 pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> anyhow::Result<()> {
-    if matches!(only, Some(Part::Notifications)) {
-        return notifications(settings, signal).await;
-    }
     let parts = Part::parts(only);
+    if parts.notifications && settings.kafka.is_none() {
+        anyhow::bail!("--only notifications needs ORDERLINE_KAFKA_BROKERS");
+    }
     if settings.jwt_secret_is_default {
         tracing::warn!("ORDERLINE_JWT_SECRET is unset: using the development secret; never do this in production");
     }
@@ -90,13 +94,16 @@ pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> an
         },
         ..SagaConfig::default()
     };
-    let app = Application::new(settings.addr, pool.clone(), keys, parts)
+    let mut app = Application::new(settings.addr, pool.clone(), keys, parts)
         .await
         .with_context(|| format!("cannot listen on {}", settings.addr))?
         .with_gateway(gateway)
         .with_saga_config(saga)
         .with_kafka(settings.kafka.clone())
         .with_cors_origins(&settings.cors_origins);
+    if parts.notifications {
+        app = app.with_notifier(notifier(&settings));
+    }
     if let Ok(addr) = app.local_addr() {
         tracing::info!(%addr, "orderline is listening");
     }
@@ -105,6 +112,9 @@ pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> an
     }
     if parts.sagas {
         tracing::info!(gateway = ?settings.gateway, "the fulfillment saga is running");
+    }
+    if parts.notifications {
+        tracing::info!("the notifications integrator is running");
     }
     if parts.relay
         && parts
@@ -122,20 +132,9 @@ pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> an
     Ok(())
 }
 
-/// `serve --only notifications`: the notifications integrator until SIGTERM or Ctrl-C.
-async fn notifications(settings: Settings, signal: Signal) -> anyhow::Result<()> {
-    use integrations::inbox::{InboxConfig, InboxConsumer};
-    use integrations::notifications::{
-        LogNotifier, NotificationsHandler, Notifier, Sender, SenderConfig, SmtpNotifier,
-    };
-    let kafka = settings
-        .kafka
-        .clone()
-        .context("--only notifications needs ORDERLINE_KAFKA_BROKERS")?;
-    let opened = Opened::open(&settings).await?;
-    let pool = opened.pool.clone();
-    database::migrate(&pool).await?;
-    let notifier: Arc<dyn Notifier> = match settings.smtp.clone() {
+/// The notifier of the notifications part: SMTP when a host is set, else the log.
+fn notifier(settings: &Settings) -> Arc<dyn Notifier> {
+    match settings.smtp.clone() {
         Some(smtp) => {
             tracing::info!(
                 host = smtp.host,
@@ -148,19 +147,5 @@ async fn notifications(settings: Settings, signal: Signal) -> anyhow::Result<()>
             tracing::info!("ORDERLINE_NOTIFY_SMTP_HOST is unset: notifications go to the log");
             Arc::new(LogNotifier)
         }
-    };
-    let topics = vec![kafka.topic("order"), kafka.topic("inventory")];
-    let consumer = InboxConsumer::spawn(
-        pool.clone(),
-        &InboxConfig::new(kafka.brokers.clone(), topics),
-        Arc::new(NotificationsHandler),
-    )
-    .context("cannot join the Kafka consumer group")?;
-    let sender = Sender::spawn(pool.clone(), notifier, SenderConfig::default());
-    tracing::info!("the notifications integrator is running");
-    signal.await;
-    consumer.stop().await;
-    sender.stop().await;
-    opened.close().await;
-    Ok(())
+    }
 }

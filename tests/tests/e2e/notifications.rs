@@ -3,7 +3,7 @@
 //! read everything again), and an SMTP sink started here receiving exactly one message per
 //! notifying event.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use event_log::subscription::{RunnerConfig, Subscriptions};
@@ -16,58 +16,8 @@ use kafka_relay::{KafkaRelay, RelayConfig, AGGREGATE_TYPES};
 use rdkafka::mocking::MockCluster;
 use serde_json::json;
 use testkit::process::until;
+use testkit::smtp::sink as smtp_sink;
 use testkit::{json_body, TestApp};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
-
-/// A minimal SMTP server that accepts every message and keeps its text.
-async fn smtp_sink() -> (u16, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let store = received.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            let store = store.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = socket.into_split();
-                let mut lines = BufReader::new(read).lines();
-                write.write_all(b"220 sink ready\r\n").await.ok();
-                let mut data: Option<String> = None;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(message) = data.as_mut() {
-                        if line == "." {
-                            store.lock().unwrap().push(data.take().unwrap());
-                            write.write_all(b"250 queued\r\n").await.ok();
-                        } else {
-                            message.push_str(&line);
-                            message.push('\n');
-                        }
-                        continue;
-                    }
-                    let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
-                    let answer: &[u8] = match verb.as_str() {
-                        "EHLO" | "HELO" => b"250 sink\r\n",
-                        "DATA" => {
-                            data = Some(String::new());
-                            b"354 go ahead\r\n"
-                        }
-                        "QUIT" => {
-                            write.write_all(b"221 bye\r\n").await.ok();
-                            return;
-                        }
-                        _ => b"250 ok\r\n",
-                    };
-                    write.write_all(answer).await.ok();
-                }
-            });
-        }
-    });
-    (port, received)
-}
 
 async fn cancel(app: &TestApp, id: &str) {
     let path = format!("/api/v1/orders/{id}/cancel");
