@@ -1,5 +1,6 @@
-//! The `checkpoints` table, one row per log consumer: where it is in the log, whether it is
-//! parked, its last error, and a rebuild's progress. This module is the table's only owner:
+//! The `checkpoints` table, one row per log consumer: where it is in the log, who holds its
+//! lease (owner, expiry, fencing token), whether it is parked, its last error, and a rebuild's
+//! progress. This module is the table's only owner:
 //! the runner, the rebuilds, the read-your-writes wait and the admin view all come here.
 //!
 //! A checkpoint moves only in the transaction that applies the events before it (see
@@ -51,22 +52,122 @@ pub async fn read(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<(Curs
     Ok((cursor((transaction_id, position)), state == "parked"))
 }
 
-/// Locks `consumer`'s row for the rest of the transaction if it is still at `at`; `false` when
-/// another runner moved it meanwhile (the page read must then be thrown away).
+/// The lease a runner holds on a consumer: the fencing token it got when it took it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Grows on every takeover; a page commits only while the row still carries it.
+    pub token: i64,
+}
+
+/// Takes `consumer`'s lease for `owner` for `ttl` if nobody holds it or its holder let it
+/// expire, and answers it with a fencing token one higher than any before; `None` while
+/// another owner's lease runs, or while a transaction has the row locked (a page in flight, a
+/// rebuild's swap). The row must exist ([`ensure`]).
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn lock_if_at(conn: &mut PgConnection, consumer: &str, at: Cursor) -> sqlx::Result<bool> {
-    let still: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM checkpoints
-          WHERE consumer = $1 AND transaction_id = $2::text::xid8 AND position = $3 FOR UPDATE",
+pub async fn acquire(
+    conn: &mut PgConnection,
+    consumer: &str,
+    owner: &str,
+    ttl: std::time::Duration,
+) -> sqlx::Result<Option<Lease>> {
+    let token: Option<i64> = sqlx::query_scalar(
+        "UPDATE checkpoints
+            SET owner = $2, fencing_token = fencing_token + 1,
+                lease_until = clock_timestamp() + make_interval(secs => $3)
+          WHERE consumer = (SELECT consumer FROM checkpoints
+                             WHERE consumer = $1
+                               AND (owner IS NULL OR lease_until < clock_timestamp())
+                               FOR UPDATE SKIP LOCKED)
+      RETURNING fencing_token",
     )
     .bind(consumer)
-    .bind(at.transaction_id.to_string())
-    .bind(at.position)
+    .bind(owner)
+    .bind(ttl.as_secs_f64())
     .fetch_optional(conn)
     .await?;
-    Ok(still.is_some())
+    Ok(token.map(|token| Lease { token }))
+}
+
+/// Extends `lease` by `ttl` from now; `false` when it was taken over (the holder must stop).
+/// A lease that expired but was not taken is still the holder's: no one else applied a page.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn renew(
+    conn: &mut PgConnection,
+    consumer: &str,
+    lease: Lease,
+    ttl: std::time::Duration,
+) -> sqlx::Result<bool> {
+    let renewed = sqlx::query(
+        "UPDATE checkpoints SET lease_until = clock_timestamp() + make_interval(secs => $3)
+          WHERE consumer = $1 AND fencing_token = $2",
+    )
+    .bind(consumer)
+    .bind(lease.token)
+    .bind(ttl.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(renewed.rows_affected() == 1)
+}
+
+/// Gives `lease` up (at shutdown), so another process takes over at once rather than after it
+/// expires; nothing happens if it was taken over already.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn release(conn: &mut PgConnection, consumer: &str, lease: Lease) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE checkpoints SET owner = NULL, lease_until = NULL
+          WHERE consumer = $1 AND fencing_token = $2",
+    )
+    .bind(consumer)
+    .bind(lease.token)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// What [`lock_if_at`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// The row is locked for this transaction, at the expected cursor, under this lease.
+    Ours,
+    /// Another page moved the checkpoint meanwhile: throw the page away and read again.
+    Moved,
+    /// The lease was taken over (fenced off): commit nothing and stop.
+    Fenced,
+}
+
+/// Locks `consumer`'s row for the rest of the transaction if `lease` still holds it and it is
+/// still at `at`. The fencing check and the row lock are one statement, and a takeover must
+/// lock the row too, so a lease cannot move between this check and the commit.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn lock_if_at(
+    conn: &mut PgConnection,
+    consumer: &str,
+    at: Cursor,
+    lease: Lease,
+) -> sqlx::Result<Held> {
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position, fencing_token FROM checkpoints
+          WHERE consumer = $1 FOR UPDATE",
+    )
+    .bind(consumer)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match row {
+        Some((_, _, token)) if token != lease.token => Held::Fenced,
+        Some((transaction_id, position, _)) if cursor((transaction_id, position)) == at => {
+            Held::Ours
+        }
+        Some(_) => Held::Moved,
+        None => Held::Fenced,
+    })
 }
 
 /// Locks `consumer`'s row for the rest of the transaction, whatever its position, and answers
@@ -289,6 +390,12 @@ pub struct Progress {
     pub parked_position: Option<i64>,
     /// While a rebuild runs: the position it has reached.
     pub rebuild_position: Option<i64>,
+    /// Who holds the lease (`host:pid:runner`), if anyone.
+    pub owner: Option<String>,
+    /// The lease's fencing token: one more on every takeover.
+    pub fencing_token: i64,
+    /// Until when the lease runs unless renewed.
+    pub lease_until: Option<DateTime<Utc>>,
 }
 
 /// The statement behind [`progress`]: each subquery walks the `events_global_order` index from
@@ -298,6 +405,7 @@ pub struct Progress {
 /// plan on a large log.
 pub const PROGRESS_SQL: &str = "SELECT c.consumer AS name, c.position, c.state,
         c.events_applied, c.last_error, c.last_error_at, c.parked_position, c.rebuild_position,
+        c.owner, c.fencing_token, c.lease_until,
         CASE WHEN behind.n > $1
              THEN greatest((SELECT max(position) FROM events) - c.position, behind.n)
              ELSE behind.n END AS lag,

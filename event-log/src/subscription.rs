@@ -3,11 +3,13 @@
 //! each event takes effect exactly once in the database (guarantee: transactional).
 //!
 //! Per consumer, one task:
-//! - holds a lease (a session advisory lock on a connection of its own) so that among several
-//!   processes sharing the database exactly one applies the consumer; when that process dies its
-//!   connection closes, the lock is released, and another process takes over;
-//! - reads a page after its checkpoint, locks the checkpoint row, checks it did not move, applies
-//!   the page and advances the checkpoint, all in one transaction;
+//! - holds a lease on the consumer's checkpoint row (owner, expiry, fencing token; see
+//!   `docs/adr/0010-fenced-leases.md`) so that among several processes sharing the database
+//!   exactly one applies the consumer. It renews the lease between pages; when its process dies
+//!   or freezes the lease expires and another process takes it with a higher token;
+//! - reads a page after its checkpoint, locks the checkpoint row, checks that it did not move and
+//!   that the lease's token is still there (a runner that woke after a takeover commits
+//!   nothing), applies the page and advances the checkpoint, all in one transaction;
 //! - on failure retries with exponential back-off, narrowing to one event at a time; an event
 //!   that keeps failing parks the consumer (state `parked`, error and position in the
 //!   `checkpoints` row, visible in the admin API) instead of crashing the process. Taking the
@@ -18,12 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
-
-use event_store::locks;
 
 use crate::checkpoints;
 use crate::{crash, reader, Cursor, LogEvent, NOTIFY_CHANNEL};
@@ -80,6 +80,9 @@ pub struct RunnerConfig {
     pub attempts_before_parking: u32,
     /// How often a process without the lease tries to take it.
     pub lease_retry: Duration,
+    /// How long a lease runs unless renewed: how soon another process takes over from one
+    /// that died or froze. Renewed every third of it.
+    pub lease_ttl: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -89,6 +92,7 @@ impl Default for RunnerConfig {
             poll_interval: Duration::from_millis(500),
             attempts_before_parking: 5,
             lease_retry: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -105,9 +109,11 @@ impl Subscriptions {
         let (stop, stopped) = watch::channel(false);
         let (wake, woken) = watch::channel(0u64);
         let mut tasks = vec![tokio::spawn(listen(pool.clone(), wake, stopped.clone()))];
+        let owner = owner_name();
         for consumer in consumers {
             let runner = Runner {
                 pool: pool.clone(),
+                owner: owner.clone(),
                 consumer,
                 config: config.clone(),
                 woken: woken.clone(),
@@ -127,6 +133,16 @@ impl Subscriptions {
             }
         }
     }
+}
+
+/// The name this process's runners hold leases under: `host:pid:random`, so that an operator
+/// can match an owner to a process and two servers in one process still differ.
+fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &run[..8])
 }
 
 /// Turns NOTIFYs on the events channel into wake-ups. When the listener connection fails the
@@ -196,6 +212,8 @@ enum Step {
     Parked,
     /// Another runner moved the checkpoint; read again.
     Moved,
+    /// The lease was taken over while the page was in hand; nothing was committed.
+    Fenced,
 }
 
 /// A page that failed, and the event it started at.
@@ -208,6 +226,8 @@ struct Failure {
 
 struct Runner {
     pool: PgPool,
+    /// The name leases are held under.
+    owner: String,
     consumer: Arc<dyn Consumer>,
     config: RunnerConfig,
     woken: watch::Receiver<u64>,
@@ -229,11 +249,15 @@ impl Runner {
         loop {
             match self.lease().await {
                 Ok(Some(lease)) => {
-                    tracing::info!(consumer = %name, "took the lease; following the log");
-                    let result = self.follow(lease).await;
-                    match result {
-                        Ok(()) => return,
-                        Err(e) => tracing::warn!(consumer = %name, error = %e, "lost the lease"),
+                    tracing::info!(consumer = %name, owner = %self.owner, token = lease.token, "took the lease; following the log");
+                    match self.follow(lease).await {
+                        Ok(true) => return,
+                        Ok(false) => {
+                            tracing::warn!(consumer = %name, "the lease was taken over; following no more");
+                        }
+                        Err(e) => {
+                            tracing::warn!(consumer = %name, error = %e, "cannot renew the lease");
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -246,37 +270,44 @@ impl Runner {
         }
     }
 
-    /// A connection holding the consumer's lease, or `None` if another process holds it.
-    async fn lease(&self) -> sqlx::Result<Option<PgConnection>> {
-        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+    /// Takes the consumer's lease, or `None` while another process holds it.
+    async fn lease(&self) -> sqlx::Result<Option<checkpoints::Lease>> {
+        let mut conn = self.pool.acquire().await?;
         let name = self.consumer.name();
         checkpoints::ensure(&mut conn, name).await?;
-        if !locks::try_session(&mut conn, locks::LEASE, name).await? {
-            conn.close().await.ok();
+        let Some(lease) =
+            checkpoints::acquire(&mut conn, name, &self.owner, self.config.lease_ttl).await?
+        else {
             return Ok(None);
-        }
+        };
         // A new leader gives a parked consumer one more try (a fixed deployment, say).
         checkpoints::unpark(&mut conn, name).await?;
-        Ok(Some(conn))
+        Ok(Some(lease))
     }
 
-    /// Applies the log while holding `lease`; returns `Ok` when asked to stop, `Err` when the
-    /// lease connection broke.
-    async fn follow(&mut self, mut lease: PgConnection) -> sqlx::Result<()> {
+    /// Applies the log while holding `lease`, renewing it between pages; `Ok(true)` when asked
+    /// to stop (the lease is then released), `Ok(false)` when it was taken over.
+    async fn follow(&mut self, lease: checkpoints::Lease) -> sqlx::Result<bool> {
+        let name = self.consumer.name().to_owned();
         let mut batch = self.batch_size();
         let mut failures = 0u32;
         let mut held_back = 0u32;
-        let mut lease_checked = tokio::time::Instant::now();
+        let ttl = self.config.lease_ttl;
+        let mut renewed = tokio::time::Instant::now();
         loop {
             if *self.stopped.borrow() {
-                lease.close().await.ok();
-                return Ok(());
+                let mut conn = self.pool.acquire().await?;
+                checkpoints::release(&mut conn, &name, lease).await?;
+                return Ok(true);
             }
-            if lease_checked.elapsed() > Duration::from_secs(5) {
-                lease.ping().await?;
-                lease_checked = tokio::time::Instant::now();
+            if renewed.elapsed() > ttl / 3 {
+                let mut conn = self.pool.acquire().await?;
+                if !checkpoints::renew(&mut conn, &name, lease, ttl).await? {
+                    return Ok(false);
+                }
+                renewed = tokio::time::Instant::now();
             }
-            let step = self.step(batch).await;
+            let step = self.step(batch, lease).await;
             if !matches!(step, Ok(Step::HeldBack)) {
                 held_back = 0;
             }
@@ -286,6 +317,7 @@ impl Runner {
                     batch = self.batch_size();
                 }
                 Ok(Step::Moved) => {}
+                Ok(Step::Fenced) => return Ok(false),
                 Ok(Step::Idle) => self.idle().await,
                 Ok(Step::HeldBack) => {
                     // Most holding transactions last milliseconds; some last long. Look again
@@ -336,7 +368,7 @@ impl Runner {
         }
     }
 
-    async fn step(&self, limit: i64) -> Result<Step, Failure> {
+    async fn step(&self, limit: i64, lease: checkpoints::Lease) -> Result<Step, Failure> {
         let failed = |error: String| Failure {
             error,
             first: None,
@@ -344,6 +376,15 @@ impl Runner {
         };
         let name = self.consumer.name();
         let mut tx = self.pool.begin().await.map_err(|e| failed(e.to_string()))?;
+        // A runner frozen inside a page (its row locked) would keep every other process from
+        // taking the lease; Postgres ends such a transaction after three lease times.
+        let idle_ms = (self.config.lease_ttl * 3).as_millis();
+        sqlx::query(&format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
         let (cursor, parked) = checkpoints::read(&mut tx, name)
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -367,19 +408,21 @@ impl Runner {
             events = page.len()
         );
         let last = last.cursor();
-        self.apply_page(tx, cursor, last, page)
+        self.apply_page(tx, cursor, last, page, lease)
             .instrument(span)
             .await
     }
 
     /// Delivers and applies one page read after `cursor`, moves the checkpoint to `last` in the
-    /// same transaction, and commits; [`Step::Moved`] if the lease moved on meanwhile.
+    /// same transaction, and commits; [`Step::Moved`] if another page moved the checkpoint
+    /// meanwhile, [`Step::Fenced`] if `lease` was taken over.
     async fn apply_page(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
         cursor: Cursor,
         last: Cursor,
         page: Vec<LogEvent>,
+        lease: checkpoints::Lease,
     ) -> Result<Step, Failure> {
         let failed = |error: String| Failure {
             error,
@@ -394,11 +437,21 @@ impl Runner {
                 first: page.into_iter().next(),
             });
         }
-        let still_ours = checkpoints::lock_if_at(&mut tx, name, cursor)
+        crash::pause(&format!("before_page_lock:{name}")).await;
+        let held = checkpoints::lock_if_at(&mut tx, name, cursor, lease)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        if !still_ours {
-            return Ok(Step::Moved);
+        match held {
+            checkpoints::Held::Ours => {}
+            checkpoints::Held::Moved => return Ok(Step::Moved),
+            checkpoints::Held::Fenced => {
+                tracing::warn!(
+                    consumer = name,
+                    token = lease.token,
+                    "the lease moved on while the page was in hand; it is not applied"
+                );
+                return Ok(Step::Fenced);
+            }
         }
         if let Err(e) = self.consumer.apply(&mut tx, &page).await {
             return Err(Failure {

@@ -1,11 +1,12 @@
 //! Every advisory lock orderline takes, by class. Postgres's two-key advisory locks
 //! `(class, key)` keep each kind of lock in a key space of its own, so an aggregate's write lock
-//! can never collide with a consumer's lease. A new kind of lock gets a class here, nowhere else.
+//! can never collide with a rebuild's. A new kind of lock gets a class here, nowhere else.
+//! (Class 8102 was the log consumers' lease until leases became rows of `checkpoints` with a
+//! fencing token, ADR 10; it stays unused so old and new processes never mistake each other.)
 //!
 //! | class | what | scope | key |
 //! |---|---|---|---|
 //! | [`IDEMPOTENCY`] | one HTTP command per `(principal, Idempotency-Key)` | transaction | `hashtext` |
-//! | [`LEASE`] | the one runner of a log consumer | session | `hashtext(consumer)` |
 //! | [`REBUILD`] | one rebuild or comparison of a projection | session | `hashtext(projection)` |
 //! | [`WRITE`] | appending to one aggregate | transaction | [`write_lock_key`] |
 //! | [`GATEWAY_CALL`] | the gateway call of one saga in flight | session | `hashtext(order id)` |
@@ -14,8 +15,6 @@ use sqlx::PgConnection;
 
 /// Class of the lock held while an HTTP command with an `Idempotency-Key` runs.
 pub const IDEMPOTENCY: i32 = 8101;
-/// Class of a log consumer's lease (see `event_log::subscription`).
-pub const LEASE: i32 = 8102;
 /// Class of a projection's rebuild lock.
 pub const REBUILD: i32 = 8103;
 /// Class of aggregate write locks.
@@ -71,7 +70,7 @@ mod tests {
 
     #[test]
     fn the_classes_are_distinct() {
-        let mut classes = [IDEMPOTENCY, LEASE, REBUILD, WRITE, GATEWAY_CALL];
+        let mut classes = [IDEMPOTENCY, REBUILD, WRITE, GATEWAY_CALL];
         classes.sort_unstable();
         assert!(classes.windows(2).all(|w| w[0] != w[1]));
     }

@@ -396,3 +396,73 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn a_lease_taken_over_fences_off_its_old_holder() {
+    use event_log::checkpoints::{self, Held};
+    let app = TestApp::spawn_with(Parts {
+        api: true,
+        ..Parts::NONE
+    })
+    .await;
+    let name = "fencing-test";
+    let ttl = Duration::from_secs(60);
+    let mut conn = app.pool.acquire().await.unwrap();
+    checkpoints::ensure(&mut conn, name).await.unwrap();
+    let a = checkpoints::acquire(&mut conn, name, "a", ttl)
+        .await
+        .unwrap()
+        .expect("a free lease is taken");
+    assert_eq!(
+        checkpoints::acquire(&mut conn, name, "b", ttl)
+            .await
+            .unwrap(),
+        None,
+        "a running lease is not taken"
+    );
+    assert!(checkpoints::renew(&mut conn, name, a, ttl).await.unwrap());
+
+    // `a` freezes: its lease runs out, and `b` takes it with a higher token.
+    sqlx::query(
+        "UPDATE checkpoints SET lease_until = now() - interval '1 second' WHERE consumer = $1",
+    )
+    .bind(name)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let b = checkpoints::acquire(&mut conn, name, "b", ttl)
+        .await
+        .unwrap()
+        .expect("an expired lease is taken");
+    assert!(b.token > a.token);
+
+    // `a` wakes with a page in hand: it can neither commit it nor renew.
+    let mut stale = app.pool.begin().await.unwrap();
+    let (at, _) = checkpoints::read(&mut stale, name).await.unwrap();
+    assert_eq!(
+        checkpoints::lock_if_at(&mut stale, name, at, a)
+            .await
+            .unwrap(),
+        Held::Fenced
+    );
+    stale.rollback().await.unwrap();
+    assert!(!checkpoints::renew(&mut conn, name, a, ttl).await.unwrap());
+    checkpoints::release(&mut conn, name, a).await.unwrap();
+    let mut fresh = app.pool.begin().await.unwrap();
+    assert_eq!(
+        checkpoints::lock_if_at(&mut fresh, name, at, b)
+            .await
+            .unwrap(),
+        Held::Ours,
+        "the old holder's release does not free the new holder's lease"
+    );
+    fresh.rollback().await.unwrap();
+
+    // A released lease is taken at once, again with a higher token.
+    checkpoints::release(&mut conn, name, b).await.unwrap();
+    let c = checkpoints::acquire(&mut conn, name, "c", ttl)
+        .await
+        .unwrap()
+        .expect("a released lease is taken");
+    assert!(c.token > b.token);
+}
