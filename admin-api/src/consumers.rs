@@ -15,14 +15,21 @@ use projections::rebuild::{self, RebuildError, RebuildLock};
 
 use crate::AdminState;
 
-/// Every consumer's progress.
+/// Every consumer's progress, the processes that share the partitions, and what holds the
+/// log's horizon back.
 #[derive(Debug, Serialize)]
 pub struct ConsumersPage {
     items: Vec<Progress>,
+    /// The live processes following the log (`owner` as partitions name it).
+    processes: Vec<event_log::processes::Process>,
+    /// Writers of the log whose transactions are open, oldest first: consumers read nothing
+    /// written after the oldest of them began until it ends.
+    horizon_holders: Vec<event_log::reader::HorizonHolder>,
 }
 
-/// `GET /api/v1/admin/projections`: position, lag (events and seconds), state and last error
-/// of every consumer of the log.
+/// `GET /api/v1/admin/projections`: kind, position, lag (events and seconds), state and last
+/// error of every consumer of the log, and per partition its owner, fencing token, position
+/// and lag; the live processes; the open writers that hold the horizon back.
 ///
 /// # Errors
 /// 401/403.
@@ -31,7 +38,13 @@ pub async fn list(
     _: Admin,
 ) -> Result<Json<ConsumersPage>, ApiError> {
     let items = checkpoints::progress(&state.pool).await?;
-    Ok(Json(ConsumersPage { items }))
+    let processes = event_log::processes::live(&state.pool).await?;
+    let horizon_holders = event_log::reader::horizon_holders(&state.pool).await?;
+    Ok(Json(ConsumersPage {
+        items,
+        processes,
+        horizon_holders,
+    }))
 }
 
 /// `POST /api/v1/admin/projections/{name}/rebuild`: 202 and the rebuild runs in the background;

@@ -8,10 +8,11 @@ use axum::response::IntoResponse;
 use api_common::error::ApiError;
 
 use crate::AdminState;
-use event_log::checkpoints::{self, Progress};
+use event_log::checkpoints::{self, PartitionProgress, Progress};
 
 /// The metrics: the log's head, each consumer's position, lag (events, seconds), events applied
-/// and parked state (projections, the saga, the Kafka relay), sagas and notifications by state.
+/// and parked state (projections, the saga, the Kafka relay, labelled with their kind), each
+/// partition's position, lag, owner and fencing token, sagas and notifications by state.
 ///
 /// # Errors
 /// 500 when the database cannot be read.
@@ -31,7 +32,30 @@ pub async fn metrics(State(state): State<AdminState>) -> Result<impl IntoRespons
     let by_consumer = |f: &dyn Fn(&Progress) -> String| {
         consumers
             .iter()
-            .map(|c| (format!("{{consumer=\"{}\"}}", c.name), f(c)))
+            .map(|c| {
+                (
+                    format!("{{consumer=\"{}\",kind=\"{}\"}}", c.name, c.kind),
+                    f(c),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let by_partition = |f: &dyn Fn(&PartitionProgress) -> String| {
+        consumers
+            .iter()
+            .flat_map(|c| {
+                c.partitions.iter().map(|p| {
+                    (
+                        format!(
+                            "{{consumer=\"{}\",partition=\"{}\",owner=\"{}\"}}",
+                            c.name,
+                            p.partition,
+                            p.owner.as_deref().unwrap_or("")
+                        ),
+                        f(p),
+                    )
+                })
+            })
             .collect::<Vec<_>>()
     };
     family(
@@ -63,6 +87,24 @@ pub async fn metrics(State(state): State<AdminState>) -> Result<impl IntoRespons
         "counter",
         "Events a consumer has applied.",
         by_consumer(&|c| c.events_applied.to_string()),
+    );
+    family(
+        "orderline_partition_position",
+        "gauge",
+        "Position of the last event a partition of a consumer applied, with its lease's owner.",
+        by_partition(&|p| p.position.to_string()),
+    );
+    family(
+        "orderline_partition_lag_events",
+        "gauge",
+        "Events of a partition a consumer has not applied yet (exact when small, an upper bound beyond).",
+        by_partition(&|p| p.lag.to_string()),
+    );
+    family(
+        "orderline_partition_fencing_token",
+        "gauge",
+        "The fencing token of a partition's lease: one more on every takeover.",
+        by_partition(&|p| p.fencing_token.to_string()),
     );
     family(
         "orderline_consumer_parked",

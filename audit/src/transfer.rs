@@ -142,6 +142,7 @@ async fn write_transaction(
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
+    event_store::locks::announce_writer(&mut tx).await?;
     for (line, event) in events {
         let hash = event
             .hash

@@ -46,6 +46,7 @@ pub async fn commands(
 
 /// Writes the first event of streams `P0` to `P{products-1}`, as registering them would.
 pub async fn seed(pool: &PgPool, products: usize) -> anyhow::Result<()> {
+    let mut tx = event_store::locks::begin_writer(pool).await?;
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata, hash)
@@ -58,13 +59,15 @@ pub async fn seed(pool: &PgPool, products: usize) -> anyhow::Result<()> {
            FROM generate_series(0, $1 - 1) AS i",
     )
     .bind(i64::try_from(products)?)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
 async fn append_one(pool: &PgPool, sku: &str, take_turns: bool) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    // Announced like every writer of the events table (its trigger refuses others).
+    let mut tx = event_store::locks::begin_writer(pool).await?;
     if take_turns {
         // The very lock orderline's writers take on the SKU's stream.
         sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")

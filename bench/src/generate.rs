@@ -52,6 +52,7 @@ impl Batch {
             "actor_sub": "bench", "actor_role": "service", "request_id": "bench",
             "correlation_id": Uuid::nil(), "causation_id": Uuid::nil(),
         });
+        let mut tx = event_store::locks::begin_writer(pool).await?;
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
              SELECT t, i, s, e, '1', p, $6
@@ -63,8 +64,9 @@ impl Batch {
         .bind(&self.event_types)
         .bind(&self.payloads)
         .bind(metadata)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         *self = Self::default();
         Ok(())
     }

@@ -18,7 +18,8 @@
 //! - `replay --events N`: every projection's rebuild against streaming the log in log order;
 //! - `relay --events N [--brokers B]`: the Kafka relay against a producer alone;
 //! - `lag --seconds S --rate R`: how far each projection trails the log under a steady load;
-//! - `fulfillment --seconds S --rate R`: placement-to-confirmed at an open-loop rate.
+//! - `fulfillment --seconds S --rate R [--processes N]`: placement-to-confirmed at an open-loop
+//!   rate, with the saga in the bench's server or in N processes sharing its partitions.
 //!
 //! `all` runs the first six. Each prints a table, or with `--json` one JSON object per
 //! scenario on stdout (throughput, p50/p95/p99/max latency, errors, the server's peak RSS, the
@@ -122,6 +123,10 @@ enum Scenario {
         /// Orders placed per second.
         #[arg(long, default_value_t = 100)]
         rate: u64,
+        /// Run the saga in this many `orderline serve --only sagas` processes on the one
+        /// database (0: in the bench's own server, with everything else).
+        #[arg(long, default_value_t = 0)]
+        processes: usize,
     },
 }
 
@@ -352,9 +357,13 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?
         }
-        Scenario::Fulfillment { seconds, rate } => {
-            on_fresh_database(move |pool, _| async move {
-                saga::run(&pool, Duration::from_secs(seconds), rate).await
+        Scenario::Fulfillment {
+            seconds,
+            rate,
+            processes,
+        } => {
+            on_fresh_database(move |pool, url| async move {
+                saga::run(&pool, &url, Duration::from_secs(seconds), rate, processes).await
             })
             .await?
         }

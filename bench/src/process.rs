@@ -60,11 +60,24 @@ impl ServerProcess {
     /// Starts `orderline serve` (every part, default settings, the relay off) on the database at
     /// `database_url` and waits until it answers `/health/ready`.
     pub async fn start(database_url: &str) -> anyhow::Result<Self> {
+        let mut server = Self::spawn(database_url, &[]).await?;
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    /// Starts `orderline serve --only PART` on the database at `database_url` without waiting
+    /// (a part other than `api` answers no HTTP; the caller watches the database instead).
+    pub async fn start_part(database_url: &str, part: &str) -> anyhow::Result<Self> {
+        Self::spawn(database_url, &["--only", part]).await
+    }
+
+    async fn spawn(database_url: &str, args: &[&str]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let child = Command::new(binary()?)
             .arg("serve")
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DATABASE_URL", database_url)
@@ -91,16 +104,14 @@ impl ServerProcess {
             })
         };
         let keys = TokenKeys::hs256(SECRET.as_bytes());
-        let mut server = Self {
+        Ok(Self {
             base: format!("http://127.0.0.1:{port}"),
             admin: keys.mint("bench", Role::Admin, Duration::from_secs(7200))?,
             customer: keys.mint("bench-customer", Role::Customer, Duration::from_secs(7200))?,
             child,
             peak_rss_kib,
             sampler,
-        };
-        server.wait_ready().await?;
-        Ok(server)
+        })
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {

@@ -8,17 +8,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::process::ServerProcess;
 use crate::round;
 use crate::server::BenchServer;
+use orderline::Parts;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
 const PRODUCTS: usize = 50;
 
-/// Runs the whole server here, places `rate` orders a second for `duration` (two lines each,
-/// paid with `tok_visa`), waits until every saga is done, and reports latency and throughput.
-pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result<Vec<Value>> {
-    let server = BenchServer::start(pool, PRODUCTS).await?;
+/// Runs the server here (with the saga, or with `processes` saga processes beside it on the
+/// database at `url`), places `rate` orders a second for `duration` (two lines each, paid with
+/// `tok_visa`), waits until every saga is done, and reports latency and throughput.
+pub async fn run(
+    pool: &PgPool,
+    url: &str,
+    duration: Duration,
+    rate: u64,
+    processes: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let parts = match processes {
+        0 => Parts::ALL,
+        _ => Parts {
+            sagas: false,
+            ..Parts::ALL
+        },
+    };
+    let server = BenchServer::start_with(pool, PRODUCTS, parts).await?;
+    let mut sagas = Vec::new();
+    for _ in 0..processes {
+        sagas.push(ServerProcess::start_part(url, "sagas").await?);
+    }
+    if processes > 0 {
+        wait_for_sagas(pool, processes).await?;
+    }
     let (client, base, customer) = (&server.client, &server.base, &server.customer);
 
     let failed = Arc::new(AtomicU64::new(0));
@@ -69,6 +92,9 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
     }
     let drain = drain_started.elapsed();
     server.stop().await?;
+    for saga in sagas {
+        saga.stop().await?;
+    }
 
     let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM c.recorded_at - p.recorded_at)::float8 * 1000
@@ -96,6 +122,7 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
     };
     Ok(vec![json!({
         "scenario": "fulfillment", "rate_per_second": rate, "seconds": duration.as_secs(),
+        "saga_processes": processes,
         "orders_placed": placed, "placements_failed": failed.load(Ordering::Relaxed),
         "confirmed": confirmed, "rejected": rejected,
         "placed_per_second": round(placed as f64 / load_seconds),
@@ -105,4 +132,32 @@ pub async fn run(pool: &PgPool, duration: Duration, rate: u64) -> anyhow::Result
         "placed_to_confirmed_ms_max": round(latencies.last().copied().unwrap_or(0.0)),
         "drain_ms_after_load": round(drain.as_secs_f64() * 1000.0),
     })])
+}
+
+/// Waits until `processes` saga processes run and share every partition of the saga's consumer.
+async fn wait_for_sagas(pool: &PgPool, processes: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let (live, owners, unowned): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM log_processes
+                      WHERE consumer = 'fulfillment' AND alive_until > now()),
+                    (SELECT count(DISTINCT owner) FROM checkpoints
+                      WHERE consumer = 'fulfillment' AND lease_until > now()),
+                    (SELECT count(*) FROM checkpoints
+                      WHERE consumer = 'fulfillment' AND (owner IS NULL OR lease_until < now()))",
+        )
+        .fetch_one(pool)
+        .await?;
+        if usize::try_from(live)? == processes
+            && usize::try_from(owners)? == processes
+            && unowned == 0
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the saga processes did not share the partitions within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

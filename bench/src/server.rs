@@ -26,8 +26,13 @@ impl BenchServer {
     /// Starts every part of the server on a free port and registers SKUs `P0` to
     /// `P{products-1}` at 1.00 EUR with a million units each.
     pub async fn start(pool: &PgPool, products: usize) -> anyhow::Result<Self> {
+        Self::start_with(pool, products, Parts::ALL).await
+    }
+
+    /// [`BenchServer::start`] with only `parts` (the API must be one of them).
+    pub async fn start_with(pool: &PgPool, products: usize, parts: Parts) -> anyhow::Result<Self> {
         let keys = TokenKeys::hs256(b"bench-secret-bench-secret-bench-secret");
-        let server = InProcess::start(pool, &keys, Options::parts(Parts::ALL))
+        let server = InProcess::start(pool, &keys, Options::parts(parts))
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
         let server = Self {

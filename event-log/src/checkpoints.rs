@@ -16,8 +16,11 @@ use crate::Cursor;
 /// a checkpoint: a read model has advanced once the notification arrives.
 pub const CHECKPOINT_CHANNEL: &str = "orderline_checkpoints";
 
-/// Lag up to this many events is counted exactly; beyond it, it is estimated from positions.
-pub const EXACT_LAG_LIMIT: i64 = 10_000;
+/// Lag up to this many events per consumer is counted exactly (split evenly over its
+/// partitions); beyond it, it is estimated from positions. Small, because counting a
+/// partition's events visits the table (its index is an expression, which Postgres does not
+/// answer from the index alone): the admin view stays cheap on any log.
+pub const EXACT_LAG_LIMIT: i64 = 512;
 
 fn cursor((transaction_id, position): (i64, i64)) -> Cursor {
     Cursor {
@@ -26,43 +29,84 @@ fn cursor((transaction_id, position): (i64, i64)) -> Cursor {
     }
 }
 
-/// Makes sure a checkpoint row exists for `consumer` (at the start of the log).
+/// Makes sure `consumer` is known with its `kind` and has a checkpoint row for each of
+/// `partitions` partitions (new ones at the start of the log).
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn ensure(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO checkpoints (consumer) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(consumer)
-        .execute(conn)
-        .await?;
+pub async fn ensure(
+    conn: &mut PgConnection,
+    consumer: &str,
+    kind: &str,
+    partitions: u32,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "WITH known AS (
+            INSERT INTO consumers (consumer, kind) VALUES ($1, $2)
+            ON CONFLICT (consumer) DO UPDATE SET kind = EXCLUDED.kind
+             WHERE consumers.kind IS DISTINCT FROM EXCLUDED.kind)
+         INSERT INTO checkpoints (consumer, partition)
+         SELECT $1, p FROM generate_series(0, $3 - 1) AS p
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(kind)
+    .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-/// Where `consumer` is and whether it is parked. The row must exist ([`ensure`]).
+/// Where one partition of `consumer` is and whether it is parked. The row must exist
+/// ([`ensure`]).
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn read(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<(Cursor, bool)> {
+pub async fn read(
+    conn: &mut PgConnection,
+    consumer: &str,
+    partition: u32,
+) -> sqlx::Result<(Cursor, bool)> {
     let (transaction_id, position, state): (i64, i64, String) = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, position, state FROM checkpoints WHERE consumer = $1",
+        "SELECT transaction_id::text::bigint, position, state FROM checkpoints
+          WHERE consumer = $1 AND partition = $2",
     )
     .bind(consumer)
+    .bind(partition_param(partition))
     .fetch_one(conn)
     .await?;
     Ok((cursor((transaction_id, position)), state == "parked"))
 }
 
-/// The lease a runner holds on a consumer: the fencing token it got when it took it.
+fn partition_param(partition: u32) -> i32 {
+    i32::try_from(partition).unwrap_or(i32::MAX)
+}
+
+/// The lease a runner holds on one partition of a consumer: the fencing token it got when it
+/// took it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
+    /// The partition.
+    pub partition: u32,
     /// Grows on every takeover; a page commits only while the row still carries it.
     pub token: i64,
 }
 
-/// Takes `consumer`'s lease for `owner` for `ttl` if nobody holds it or its holder let it
-/// expire, and answers it with a fencing token one higher than any before; `None` while
-/// another owner's lease runs, or while a transaction has the row locked (a page in flight, a
-/// rebuild's swap). The row must exist ([`ensure`]).
+/// Which partitions [`acquire`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Every partition whose holder let its lease expire (it died or froze): someone must
+    /// take them now, whatever the even share says.
+    Expired,
+    /// Up to this many partitions that nobody holds (never held, or given up).
+    Free(u32),
+}
+
+/// Takes `consumer`'s partitions as `claim` says for `owner` for `ttl`, each with a fencing
+/// token one higher than any before. Rows another transaction has locked (a page in flight, a
+/// rebuild's swap) are passed over. Takes nothing when the log does not have `partitions`
+/// partitions any more (another process split them: this one must restart). The rows must
+/// exist ([`ensure`]).
 ///
 /// # Errors
 /// The database error, if any.
@@ -71,60 +115,115 @@ pub async fn acquire(
     consumer: &str,
     owner: &str,
     ttl: std::time::Duration,
-) -> sqlx::Result<Option<Lease>> {
-    let token: Option<i64> = sqlx::query_scalar(
-        "UPDATE checkpoints
-            SET owner = $2, fencing_token = fencing_token + 1,
+    partitions: u32,
+    claim: Claim,
+) -> sqlx::Result<Vec<Lease>> {
+    let (expired, limit) = match claim {
+        Claim::Expired => (true, i64::MAX),
+        Claim::Free(n) => (false, i64::from(n)),
+    };
+    let taken: Vec<(i32, i64)> = sqlx::query_as(
+        "UPDATE checkpoints c
+            SET owner = $2, fencing_token = c.fencing_token + 1,
                 lease_until = clock_timestamp() + make_interval(secs => $3)
-          WHERE consumer = (SELECT consumer FROM checkpoints
-                             WHERE consumer = $1
-                               AND (owner IS NULL OR lease_until < clock_timestamp())
-                               FOR UPDATE SKIP LOCKED)
-      RETURNING fencing_token",
+          WHERE (c.consumer, c.partition) IN (
+                SELECT f.consumer, f.partition FROM checkpoints f
+                 WHERE f.consumer = $1
+                   AND CASE WHEN $6 THEN f.owner IS NOT NULL AND f.lease_until < clock_timestamp()
+                            ELSE f.owner IS NULL END
+                   AND (SELECT partitions FROM log_partitions) = $4
+                 ORDER BY f.partition
+                 LIMIT $5
+                   FOR UPDATE SKIP LOCKED)
+      RETURNING c.partition, c.fencing_token",
     )
     .bind(consumer)
     .bind(owner)
     .bind(ttl.as_secs_f64())
-    .fetch_optional(conn)
+    .bind(partition_param(partitions))
+    .bind(limit)
+    .bind(expired)
+    .fetch_all(conn)
     .await?;
-    Ok(token.map(|token| Lease { token }))
+    Ok(taken
+        .into_iter()
+        .map(|(partition, token)| Lease {
+            partition: u32::try_from(partition).unwrap_or_default(),
+            token,
+        })
+        .collect())
 }
 
-/// Extends `lease` by `ttl` from now; `false` when it was taken over (the holder must stop).
-/// A lease that expired but was not taken is still the holder's: no one else applied a page.
+/// Extends `leases` by `ttl` from now and answers those still held; a lease missing from the
+/// answer was taken over (its worker must stop). A lease that expired but was not taken is
+/// still the holder's: no one else applied a page.
 ///
 /// # Errors
 /// The database error, if any.
 pub async fn renew(
     conn: &mut PgConnection,
     consumer: &str,
-    lease: Lease,
+    leases: &[Lease],
     ttl: std::time::Duration,
-) -> sqlx::Result<bool> {
-    let renewed = sqlx::query(
-        "UPDATE checkpoints SET lease_until = clock_timestamp() + make_interval(secs => $3)
-          WHERE consumer = $1 AND fencing_token = $2",
+) -> sqlx::Result<Vec<Lease>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (partitions, tokens) = columns(leases);
+    let kept: Vec<(i32, i64)> = sqlx::query_as(
+        "UPDATE checkpoints c SET lease_until = clock_timestamp() + make_interval(secs => $4)
+           FROM unnest($2::int4[], $3::int8[]) AS held(partition, token)
+          WHERE c.consumer = $1 AND c.partition = held.partition
+            AND c.fencing_token = held.token
+      RETURNING c.partition, c.fencing_token",
     )
     .bind(consumer)
-    .bind(lease.token)
+    .bind(&partitions)
+    .bind(&tokens)
     .bind(ttl.as_secs_f64())
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(renewed.rows_affected() == 1)
+    Ok(leases
+        .iter()
+        .filter(|l| {
+            kept.iter()
+                .any(|(p, t)| *p == partition_param(l.partition) && *t == l.token)
+        })
+        .copied()
+        .collect())
 }
 
-/// Gives `lease` up (at shutdown), so another process takes over at once rather than after it
-/// expires; nothing happens if it was taken over already.
+fn columns(leases: &[Lease]) -> (Vec<i32>, Vec<i64>) {
+    leases
+        .iter()
+        .map(|l| (partition_param(l.partition), l.token))
+        .unzip()
+}
+
+/// Gives `leases` up (at shutdown, or to even out the partitions between processes), so that
+/// another process takes them at once rather than after they expire; a lease taken over
+/// already is left alone.
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn release(conn: &mut PgConnection, consumer: &str, lease: Lease) -> sqlx::Result<()> {
+pub async fn release(
+    conn: &mut PgConnection,
+    consumer: &str,
+    leases: &[Lease],
+) -> sqlx::Result<()> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let (partitions, tokens) = columns(leases);
     sqlx::query(
-        "UPDATE checkpoints SET owner = NULL, lease_until = NULL
-          WHERE consumer = $1 AND fencing_token = $2",
+        "UPDATE checkpoints c SET owner = NULL, lease_until = NULL
+           FROM unnest($2::int4[], $3::int8[]) AS held(partition, token)
+          WHERE c.consumer = $1 AND c.partition = held.partition
+            AND c.fencing_token = held.token",
     )
     .bind(consumer)
-    .bind(lease.token)
+    .bind(&partitions)
+    .bind(&tokens)
     .execute(conn)
     .await?;
     Ok(())
@@ -141,9 +240,10 @@ pub enum Held {
     Fenced,
 }
 
-/// Locks `consumer`'s row for the rest of the transaction if `lease` still holds it and it is
-/// still at `at`. The fencing check and the row lock are one statement, and a takeover must
-/// lock the row too, so a lease cannot move between this check and the commit.
+/// Locks the row of `lease`'s partition of `consumer` for the rest of the transaction if
+/// `lease` still holds it and it is still at `at`. The fencing check and the row lock are one
+/// statement, and a takeover must lock the row too, so a lease cannot move between this check
+/// and the commit.
 ///
 /// # Errors
 /// The database error, if any.
@@ -155,9 +255,10 @@ pub async fn lock_if_at(
 ) -> sqlx::Result<Held> {
     let row: Option<(i64, i64, i64)> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, position, fencing_token FROM checkpoints
-          WHERE consumer = $1 FOR UPDATE",
+          WHERE consumer = $1 AND partition = $2 FOR UPDATE",
     )
     .bind(consumer)
+    .bind(partition_param(lease.partition))
     .fetch_optional(conn)
     .await?;
     Ok(match row {
@@ -170,45 +271,51 @@ pub async fn lock_if_at(
     })
 }
 
-/// Locks `consumer`'s row for the rest of the transaction, whatever its position, and answers
-/// it (`None` when there is no row): the live runner then waits before its next page. Rebuilds
-/// and comparisons stop the live consumer this way.
+/// Locks every partition row of `consumer` for the rest of the transaction, whatever their
+/// positions, and answers each partition's cursor (none when the consumer is unknown): its live
+/// runners then wait before their next page. Rebuilds and comparisons stop the live consumer
+/// this way.
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn lock(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<Option<Cursor>> {
-    let at: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, position FROM checkpoints
-          WHERE consumer = $1 FOR UPDATE",
+pub async fn lock(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<Vec<(u32, Cursor)>> {
+    let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT partition, transaction_id::text::bigint, position FROM checkpoints
+          WHERE consumer = $1 ORDER BY partition FOR UPDATE",
     )
     .bind(consumer)
-    .fetch_optional(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(at.map(cursor))
+    Ok(rows
+        .into_iter()
+        .map(|(p, tx, pos)| (u32::try_from(p).unwrap_or_default(), cursor((tx, pos))))
+        .collect())
 }
 
-/// Moves `consumer` to `next` after applying `applied` events, clears its last error, and
-/// notifies [`CHECKPOINT_CHANNEL`] at commit (listeners learn that the read model moved once
-/// it really has). Run it in the transaction that applied the events.
+/// Moves one partition of `consumer` to `next` after applying `applied` events, clears its last
+/// error, and notifies [`CHECKPOINT_CHANNEL`] at commit (listeners learn that the read model
+/// moved once it really has). Run it in the transaction that applied the events.
 ///
 /// # Errors
 /// The database error, if any.
 pub async fn advance(
     conn: &mut PgConnection,
     consumer: &str,
+    partition: u32,
     next: Cursor,
     applied: usize,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "WITH moved AS (
             UPDATE checkpoints
-               SET transaction_id = $2::text::xid8, position = $3,
-                   events_applied = events_applied + $4, last_error = NULL, updated_at = now()
-             WHERE consumer = $1
+               SET transaction_id = $3::text::xid8, position = $4,
+                   events_applied = events_applied + $5, last_error = NULL, updated_at = now()
+             WHERE consumer = $1 AND partition = $2
          RETURNING consumer)
-         SELECT pg_notify($5, consumer) FROM moved",
+         SELECT pg_notify($6, consumer) FROM moved",
     )
     .bind(consumer)
+    .bind(partition_param(partition))
     .bind(next.transaction_id.to_string())
     .bind(next.position)
     .bind(i64::try_from(applied).unwrap_or(i64::MAX))
@@ -218,8 +325,8 @@ pub async fn advance(
     Ok(())
 }
 
-/// Puts a rebuilt projection's consumer at `at`, with `events` applied, running and without
-/// error: the swap of a rebuild, in its transaction.
+/// Puts every partition of a rebuilt projection's consumer at `at`, running and without error,
+/// with `events[p]` events applied by partition `p`: the swap of a rebuild, in its transaction.
 ///
 /// # Errors
 /// The database error, if any.
@@ -227,19 +334,23 @@ pub async fn reset(
     conn: &mut PgConnection,
     consumer: &str,
     at: Cursor,
-    events: u64,
+    events: &[u64],
 ) -> sqlx::Result<()> {
+    let events: Vec<i64> = events
+        .iter()
+        .map(|n| i64::try_from(*n).unwrap_or(i64::MAX))
+        .collect();
     sqlx::query(
         "UPDATE checkpoints
-            SET transaction_id = $2::text::xid8, position = $3, events_applied = $4,
-                state = 'running', last_error = NULL, parked_position = NULL,
-                rebuild_position = NULL, updated_at = now()
+            SET transaction_id = $2::text::xid8, position = $3,
+                events_applied = coalesce(($4::int8[])[partition + 1], 0),
+                state = 'running', last_error = NULL, parked_position = NULL, updated_at = now()
           WHERE consumer = $1",
     )
     .bind(consumer)
     .bind(at.transaction_id.to_string())
     .bind(at.position)
-    .bind(i64::try_from(events).unwrap_or(i64::MAX))
+    .bind(&events)
     .execute(conn)
     .await?;
     Ok(())
@@ -254,7 +365,7 @@ pub async fn set_rebuild_position(
     consumer: &str,
     position: Option<i64>,
 ) -> sqlx::Result<()> {
-    sqlx::query("UPDATE checkpoints SET rebuild_position = $2 WHERE consumer = $1")
+    sqlx::query("UPDATE consumers SET rebuild_position = $2 WHERE consumer = $1")
         .bind(consumer)
         .bind(position)
         .execute(conn)
@@ -262,53 +373,63 @@ pub async fn set_rebuild_position(
     Ok(())
 }
 
-/// Gives a parked consumer another try (its new leader does this on taking the lease).
+/// Gives a parked partition another try (its new holder does this on taking the lease).
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn unpark(conn: &mut PgConnection, consumer: &str) -> sqlx::Result<()> {
+pub async fn unpark(conn: &mut PgConnection, consumer: &str, partition: u32) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE checkpoints SET state = 'running', parked_position = NULL, updated_at = now()
-          WHERE consumer = $1 AND state = 'parked'",
+          WHERE consumer = $1 AND partition = $2 AND state = 'parked'",
     )
     .bind(consumer)
+    .bind(partition_param(partition))
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Shows a transient error on `consumer`'s row (cleared by the next [`advance`]).
+/// Shows a transient error on one partition's row (cleared by the next [`advance`]).
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn note_error(pool: &PgPool, consumer: &str, error: &str) -> sqlx::Result<()> {
+pub async fn note_error(
+    pool: &PgPool,
+    consumer: &str,
+    partition: u32,
+    error: &str,
+) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE checkpoints SET last_error = $2, last_error_at = now() WHERE consumer = $1",
+        "UPDATE checkpoints SET last_error = $3, last_error_at = now()
+          WHERE consumer = $1 AND partition = $2",
     )
     .bind(consumer)
+    .bind(partition_param(partition))
     .bind(error)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Parks `consumer` on the event at `position` with `error`: it applies nothing until its next
-/// leader unparks it.
+/// Parks one partition of `consumer` on the event at `position` with `error`: it applies
+/// nothing until its next holder unparks it.
 ///
 /// # Errors
 /// The database error, if any.
 pub async fn park(
     pool: &PgPool,
     consumer: &str,
+    partition: u32,
     error: &str,
     position: Option<i64>,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE checkpoints SET state = 'parked', last_error = $2, last_error_at = now(),
-                parked_position = $3, updated_at = now()
-          WHERE consumer = $1",
+        "UPDATE checkpoints SET state = 'parked', last_error = $3, last_error_at = now(),
+                parked_position = $4, updated_at = now()
+          WHERE consumer = $1 AND partition = $2",
     )
     .bind(consumer)
+    .bind(partition_param(partition))
     .bind(error)
     .bind(position)
     .execute(pool)
@@ -316,9 +437,24 @@ pub async fn park(
     Ok(())
 }
 
-/// Where `consumer` is, whether it has applied the event at `min_position` (always `true`
-/// without one), and the log's head, in one statement: the read-your-writes check of every
-/// query.
+/// The consumer's cursor as one value: its partition furthest behind in the log. Every event
+/// up to it is applied, so it is a safe `min_position` to hand out.
+const LOW_CURSOR_SQL: &str = "(SELECT ARRAY[c.transaction_id::text::bigint, c.position]
+    FROM checkpoints c WHERE c.consumer = $1 ORDER BY c.transaction_id, c.position LIMIT 1)";
+
+fn low_cursor(row: Option<Vec<i64>>) -> Cursor {
+    match row.as_deref() {
+        Some([transaction_id, position]) => cursor((*transaction_id, *position)),
+        _ => Cursor::default(),
+    }
+}
+
+/// Where `consumer` is (its partition furthest behind), whether it has applied every event
+/// up to the one at `min_position` (always `true` without one), and the log's head, in one
+/// statement: the read-your-writes check of every query.
+///
+/// A partition has reached an event when no event of its own lies between its cursor and that
+/// event, so an idle partition never holds a read back.
 ///
 /// # Errors
 /// The database error, if any.
@@ -327,25 +463,41 @@ pub async fn reached(
     consumer: &str,
     min_position: Option<i64>,
 ) -> sqlx::Result<(Cursor, bool, i64)> {
-    let (transaction_id, position, applied, head): (i64, i64, bool, i64) = sqlx::query_as(
-        "SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0),
-                $2::bigint IS NULL OR EXISTS (
-                    SELECT 1 FROM events e WHERE e.position = $2
-                       AND (e.transaction_id, e.position) <= (c.transaction_id, c.position)),
-                coalesce((SELECT max(position) FROM events), 0)
-           FROM (SELECT 1) AS one LEFT JOIN checkpoints c ON c.consumer = $1",
-    )
-    .bind(consumer)
-    .bind(min_position)
-    .fetch_one(pool)
-    .await?;
-    Ok((cursor((transaction_id, position)), applied, head))
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        format!(
+            "SELECT {LOW_CURSOR_SQL},
+                    $2::bigint IS NULL OR (
+                    EXISTS (SELECT 1 FROM checkpoints WHERE consumer = $1)
+                    AND EXISTS (
+                        SELECT 1 FROM events n, log_partitions lp
+                         WHERE n.position = $2
+                           AND NOT EXISTS (
+                               SELECT 1 FROM checkpoints c
+                                WHERE c.consumer = $1
+                                  AND (c.transaction_id, c.position) < (n.transaction_id, n.position)
+                                  AND EXISTS (
+                                      SELECT 1 FROM events e
+                                       WHERE (e.transaction_id, e.position)
+                                             > (c.transaction_id, c.position)
+                                         AND (e.transaction_id, e.position)
+                                             <= (n.transaction_id, n.position)
+                                         AND (e.key_hash & (lp.partitions - 1)) = c.partition)))),
+                    coalesce((SELECT max(position) FROM events), 0)"
+        )
+    });
+    let (low, applied, head): (Option<Vec<i64>>, bool, i64) = sqlx::query_as(sql)
+        .bind(consumer)
+        .bind(min_position)
+        .fetch_one(pool)
+        .await?;
+    Ok((low_cursor(low), applied, head))
 }
 
-/// `consumer`'s cursor alongside one more value read in the same statement (one snapshot, one
-/// round trip): `also` is a scalar `SELECT` of one text value whose only parameter is `$2`
-/// (given as text; cast it), such as a read model's row as JSON. The hottest query, one order
-/// by id, reads this way.
+/// `consumer`'s cursor (as [`reached`] gives it) alongside one more value read in the same
+/// statement (one snapshot, one round trip): `also` is a scalar `SELECT` of one text value
+/// whose only parameter is `$2` (given as text; cast it), such as a read model's row as JSON.
+/// The hottest query, one order by id, reads this way.
 ///
 /// # Errors
 /// The database error, if any.
@@ -355,79 +507,175 @@ pub async fn cursor_with(
     also: &'static str,
     parameter: &str,
 ) -> sqlx::Result<(Cursor, Option<String>)> {
-    let sql = format!(
-        "SELECT coalesce(c.transaction_id::text::bigint, 0), coalesce(c.position, 0), ({also})
-           FROM (SELECT 1) AS one LEFT JOIN checkpoints c ON c.consumer = $1"
-    );
-    let (transaction_id, position, row): (i64, i64, Option<String>) = sqlx::query_as(&sql)
+    let sql = format!("SELECT {LOW_CURSOR_SQL}, ({also})");
+    let (low, row): (Option<Vec<i64>>, Option<String>) = sqlx::query_as(&sql)
         .bind(consumer)
         .bind(parameter)
         .fetch_one(pool)
         .await?;
-    Ok((cursor((transaction_id, position)), row))
+    Ok((low_cursor(low), row))
 }
 
-/// One consumer's progress, as the admin API and `/metrics` show it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// One consumer's progress, as the admin API and `/metrics` show it: the sums and extremes of
+/// its partitions, and each partition.
+#[derive(Debug, Clone, Serialize)]
 pub struct Progress {
     /// The consumer's name.
     pub name: String,
-    /// Position of the last event applied.
+    /// What it is: `projection`, `saga`, `relay`, `notifications`, ...
+    pub kind: String,
+    /// Position of the last event applied by its partition furthest behind in the log.
     pub position: i64,
-    /// Events in the log after it (exact up to [`EXACT_LAG_LIMIT`], an upper bound beyond).
+    /// Events in the log it has not applied yet, over all partitions (exact up to
+    /// [`EXACT_LAG_LIMIT`] per partition, an upper bound beyond).
     pub lag: i64,
     /// Age of the oldest event not applied yet, in seconds (0 when caught up).
     pub lag_seconds: f64,
-    /// `running` or `parked`.
+    /// `parked` when a partition is, else `running`.
     pub state: String,
     /// Events applied since the consumer began (or since its last rebuild).
     pub events_applied: i64,
-    /// The last error of a page, until a page succeeds.
+    /// The last error of a page of any partition, until a page of that partition succeeds.
     pub last_error: Option<String>,
     /// When that error happened.
     pub last_error_at: Option<DateTime<Utc>>,
-    /// While parked: the position of the event it is parked on.
+    /// While a partition is parked: the position of the event it is parked on.
     pub parked_position: Option<i64>,
     /// While a rebuild runs: the position it has reached.
     pub rebuild_position: Option<i64>,
-    /// Who holds the lease (`host:pid:runner`), if anyone.
+    /// Each partition: who holds it and how far it is.
+    pub partitions: Vec<PartitionProgress>,
+}
+
+/// One partition of a consumer.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PartitionProgress {
+    /// The consumer's name (not shown; the partition is listed under it).
+    #[serde(skip)]
+    pub consumer: String,
+    /// What the consumer is (not shown per partition).
+    #[serde(skip)]
+    pub kind: Option<String>,
+    /// A rebuild's position (not shown per partition).
+    #[serde(skip)]
+    pub rebuild_position: Option<i64>,
+    /// Its number, `0..partitions`.
+    pub partition: i32,
+    /// Who holds its lease (`host:pid:runner`, as `/health/ready` names a process), if anyone.
     pub owner: Option<String>,
     /// The lease's fencing token: one more on every takeover.
     pub fencing_token: i64,
     /// Until when the lease runs unless renewed.
     pub lease_until: Option<DateTime<Utc>>,
+    /// Position of the last event it applied.
+    pub position: i64,
+    /// Its events not applied yet (exact up to [`EXACT_LAG_LIMIT`], an upper bound beyond).
+    pub lag: i64,
+    /// Age of its oldest event not applied yet, in seconds.
+    pub lag_seconds: f64,
+    /// `running` or `parked`.
+    pub state: String,
+    /// Events it applied.
+    pub events_applied: i64,
+    /// Its last error, until a page succeeds.
+    pub last_error: Option<String>,
+    /// When that error happened.
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// While parked: the position of the event it is parked on.
+    pub parked_position: Option<i64>,
 }
 
-/// The statement behind [`progress`]: each subquery walks the `events_global_order` index from
-/// the checkpoint and stops after [`EXACT_LAG_LIMIT`] events, so the cost is bounded whatever
-/// the log's size; a consumer further behind reports `max(position) - its position`
-/// (positions can have gaps, so that is an upper bound). Public so that tests can check its
-/// plan on a large log.
-pub const PROGRESS_SQL: &str = "SELECT c.consumer AS name, c.position, c.state,
-        c.events_applied, c.last_error, c.last_error_at, c.parked_position, c.rebuild_position,
-        c.owner, c.fencing_token, c.lease_until,
-        CASE WHEN behind.n > $1
-             THEN greatest((SELECT max(position) FROM events) - c.position, behind.n)
-             ELSE behind.n END AS lag,
-        coalesce(extract(epoch FROM now() - (
-            SELECT e.recorded_at FROM events e
-             WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
-             ORDER BY e.transaction_id, e.position LIMIT 1))::float8, 0) AS lag_seconds
-   FROM checkpoints c
-   CROSS JOIN LATERAL (
-        SELECT count(*) AS n FROM (
-            SELECT 1 FROM events e
-             WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
-             ORDER BY e.transaction_id, e.position LIMIT $1 + 1) AS page) AS behind
-  ORDER BY c.consumer";
+/// The statement behind [`progress`] for a log of `partitions` partitions, one row per
+/// partition (`$1` the exact limit per partition, [`EXACT_LAG_LIMIT`] over `partitions`): each
+/// subquery walks the partition's index from its checkpoint and stops after `$1` events, so the cost is bounded whatever the log's size; a partition
+/// further behind reports `max(position) - its position` (an upper bound). Public so that tests
+/// can check its plan on a large log.
+pub fn progress_sql(partitions: u32) -> String {
+    let mask = partitions.max(1) - 1;
+    format!(
+        "SELECT c.consumer, k.kind, k.rebuild_position, c.partition, c.owner, c.fencing_token,
+            c.lease_until, c.position, c.state, c.events_applied, c.last_error, c.last_error_at,
+            c.parked_position,
+            CASE WHEN behind.n > $1
+                 THEN greatest((SELECT max(position) FROM events) - c.position, behind.n)
+                 ELSE behind.n END AS lag,
+            coalesce(extract(epoch FROM now() - (
+                SELECT e.recorded_at FROM events e
+                 WHERE {within}
+                   AND (e.transaction_id, e.position) > (c.transaction_id, c.position)
+                 ORDER BY {order} LIMIT 1))::float8, 0) AS lag_seconds
+       FROM checkpoints c
+       LEFT JOIN consumers k ON k.consumer = c.consumer
+       CROSS JOIN LATERAL (
+            SELECT count(*) AS n FROM (
+                SELECT 1 FROM events e
+                 WHERE {within}
+                   AND (e.transaction_id, e.position) > (c.transaction_id, c.position)
+                 ORDER BY {order} LIMIT $1 + 1) AS page) AS behind
+      WHERE c.partition < {partitions}
+      ORDER BY c.consumer, c.partition",
+        within = crate::reader::in_partition("e", mask, "c.partition"),
+        order = crate::reader::PARTITION_ORDER
+            .replace("{t}", "e")
+            .replace("{mask}", &mask.to_string()),
+    )
+}
 
-/// Every consumer's progress, by name.
+/// Every consumer's progress, by name, with its partitions.
 ///
 /// # Errors
 /// The database error, if any.
 pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
-    sqlx::query_as(PROGRESS_SQL)
-        .bind(EXACT_LAG_LIMIT)
-        .fetch_all(pool)
-        .await
+    let mut conn = pool.acquire().await?;
+    let partitions = crate::partitions::current(&mut conn).await?;
+    let rows: Vec<PartitionProgress> = sqlx::query_as(&progress_sql(partitions))
+        .bind(EXACT_LAG_LIMIT / i64::from(partitions.max(1)))
+        .fetch_all(&mut *conn)
+        .await?;
+    let head = crate::head_position(&mut conn).await?;
+    let mut consumers: Vec<Progress> = Vec::new();
+    for row in rows {
+        let fresh = consumers.last().is_none_or(|c| c.name != row.consumer);
+        if fresh {
+            consumers.push(Progress {
+                name: row.consumer.clone(),
+                kind: row.kind.clone().unwrap_or_else(|| "consumer".into()),
+                position: row.position,
+                lag: 0,
+                lag_seconds: 0.0,
+                state: "running".into(),
+                events_applied: 0,
+                last_error: None,
+                last_error_at: None,
+                parked_position: None,
+                rebuild_position: row.rebuild_position,
+                partitions: Vec::new(),
+            });
+        }
+        let Some(consumer) = consumers.last_mut() else {
+            continue;
+        };
+        consumer.position = consumer.position.min(row.position);
+        consumer.lag += row.lag;
+        consumer.lag_seconds = consumer.lag_seconds.max(row.lag_seconds);
+        consumer.events_applied += row.events_applied;
+        if row.state == "parked" {
+            consumer.state = "parked".into();
+            consumer.parked_position = match (consumer.parked_position, row.parked_position) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if row.last_error_at > consumer.last_error_at {
+            consumer.last_error.clone_from(&row.last_error);
+            consumer.last_error_at = row.last_error_at;
+        }
+        consumer.partitions.push(row);
+    }
+    for consumer in &mut consumers {
+        // Partitions far behind each estimate from the whole log's positions; the consumer as a
+        // whole is behind by at most the distance from its lowest partition to the head.
+        consumer.lag = consumer.lag.min((head - consumer.position).max(0));
+    }
+    Ok(consumers)
 }

@@ -2,7 +2,9 @@
 //! `POINT`, so a test can kill it at the worst moment for exactly-once and check that nothing
 //! was lost or done twice after a restart; with `ORDERLINE_PAUSE_AT=POINT=SECONDS` the task
 //! that first reaches `POINT` stops there that long, as a frozen process would, so a test can
-//! let its lease move on and check that the stale page is refused. Never set in production.
+//! let its lease move on and check that the stale page is refused: while it sleeps, the lease
+//! manager of the consumer the point names renews nothing ([`frozen`]), as in a frozen process.
+//! Never set in production.
 //!
 //! Points: `before_checkpoint_commit:CONSUMER` (a page and its checkpoint written, not
 //! committed), `before_page_lock:CONSUMER` (a page read and delivered, its checkpoint not
@@ -10,8 +12,21 @@
 //! `after_gateway_record`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The consumer a pause froze, and until when.
+static FROZEN: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+
+/// Whether a pause point of `consumer` (`...:CONSUMER`) is sleeping now.
+pub fn frozen(consumer: &str) -> bool {
+    let frozen = FROZEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    frozen
+        .as_ref()
+        .is_some_and(|(who, until)| who == consumer && Instant::now() < *until)
+}
 
 /// The variable naming the point at which the process aborts.
 pub const CRASH_AT_ENV: &str = "ORDERLINE_CRASH_AT";
@@ -45,6 +60,12 @@ pub async fn pause(point: &str) {
     if let Some((at, duration)) = target {
         if at == point && !PAUSED.swap(true, Ordering::SeqCst) {
             tracing::warn!(point, ?duration, "pause point reached: sleeping");
+            if let Some((_, consumer)) = point.rsplit_once(':') {
+                *FROZEN
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((consumer.to_owned(), Instant::now() + *duration));
+            }
             tokio::time::sleep(*duration).await;
         }
     }

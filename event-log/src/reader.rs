@@ -1,10 +1,11 @@
 //! The global log: every event of every aggregate, in an order that never skips an event.
 //!
 //! Readers page through the events table by the composite cursor `(transaction_id, position)`
-//! and only read rows whose writing transaction is older than the oldest transaction still
-//! running (`pg_snapshot_xmin(pg_current_snapshot())`). Every such row is final: committed, or
-//! gone with its aborted transaction. A transaction that stays open therefore stalls readers
-//! until it ends, and never makes them skip its events. See `docs/adr/0002-global-log-order.md`.
+//! and only read rows whose writing transaction is below a horizon that no writer of the log is
+//! still behind. Every such row is final: committed, or gone with its aborted transaction. A
+//! writer that stays open therefore stalls readers until it ends, and never makes them skip its
+//! events. See `docs/adr/0002-global-log-order.md` and, for the horizon that waits only for
+//! writers and for partitions, `docs/adr/0011-partitioned-log.md`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -79,6 +80,10 @@ pub struct LogEvent {
     pub metadata: Box<RawValue>,
     /// The event itself, as the aggregate's event enum serializes it.
     pub payload: Box<RawValue>,
+    /// `hashtext(aggregate_id)`, stored with the event: its partition in every consumer
+    /// ([`partition_of`]).
+    #[serde(skip)]
+    pub key_hash: i32,
 }
 
 impl FromRow<'_, PgRow> for LogEvent {
@@ -102,6 +107,7 @@ impl FromRow<'_, PgRow> for LogEvent {
             recorded_at: row.try_get("recorded_at")?,
             metadata: raw("metadata")?,
             payload: raw("payload")?,
+            key_hash: row.try_get("key_hash")?,
         })
     }
 }
@@ -111,9 +117,14 @@ pub const LOG_EVENT_COLUMNS: &str =
     "events.position, events.transaction_id::text::bigint AS transaction_id,
        events.event_id, events.aggregate_type, events.aggregate_id, events.sequence,
        events.event_type, events.event_version, events.recorded_at,
-       events.metadata::text AS metadata, events.payload::text AS payload";
+       events.metadata::text AS metadata, events.payload::text AS payload, events.key_hash";
 
 impl LogEvent {
+    /// This event's partition among `partitions`.
+    pub fn partition(&self, partitions: u32) -> u32 {
+        partition_of(self.key_hash, partitions)
+    }
+
     /// The cursor just after this event.
     pub fn cursor(&self) -> Cursor {
         Cursor {
@@ -188,6 +199,191 @@ impl LogEvent {
     }
 }
 
+/// The horizon as an SQL expression (`xid8`): events whose transaction id is below it are final.
+///
+/// It is the statement's snapshot's `xmax`, lowered to the oldest transaction of the snapshot's
+/// in-progress list that is either a writer of this log (it holds the shared lock of
+/// `event_store::locks::WRITER` in this database) or not running any more (it may have
+/// been a writer that just committed; the statement's snapshot does not see it yet). Running
+/// transactions that never announced themselves (another database, an idle `psql`, a
+/// projection's page) are passed over. Writers announce before they have a transaction id, so a
+/// transaction passed over can never commit an event below the horizon. Prepared transactions
+/// (no backend) are never passed over.
+pub const HORIZON_SQL: &str = "(SELECT least(pg_snapshot_xmax(snap.s), (
+        SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x
+         WHERE x::text::bigint % 4294967296 NOT IN (
+               SELECT l.transactionid::text::bigint FROM pg_locks l
+                WHERE l.locktype = 'transactionid' AND l.granted AND l.pid IS NOT NULL
+                  AND NOT EXISTS (
+                      SELECT 1 FROM pg_locks w
+                       WHERE w.pid = l.pid AND w.locktype = 'advisory' AND w.granted
+                         AND w.classid = 8106 AND w.objid = 0 AND w.objsubid = 2
+                         AND w.database = (SELECT oid FROM pg_database
+                                            WHERE datname = current_database())))))
+   FROM (SELECT pg_current_snapshot() AS s) AS snap)";
+
+/// Which partition of `partitions` (a power of two) an event whose `key_hash` column is
+/// `key_hash` belongs to: the low bits, as the `key_hash & (partitions - 1)` of the SQL and its
+/// index compute it.
+pub fn partition_of(key_hash: i32, partitions: u32) -> u32 {
+    u32::from_ne_bytes(key_hash.to_ne_bytes()) & (partitions - 1)
+}
+
+/// The condition "event of `table` is in partition `partition`" for a partition `mask`, in the
+/// one form that makes Postgres walk the partition index: the expression is spliced as
+/// literals so that it is textually the index's, and it is a range rather than an equality.
+/// With an equality the planner drops the partition from the ordering (it is constant), and a
+/// walk of the global `(transaction_id, position)` index filtering out the other partitions'
+/// rows can look as cheap to it, though it reads every partition's events; with a range, only
+/// the partition index gives the order [`PARTITION_ORDER`] asks for.
+pub fn in_partition(table: &str, mask: u32, partition: &str) -> String {
+    format!("({table}.key_hash & {mask}) BETWEEN {partition} AND {partition}")
+}
+
+/// The order of a partition's events, to go with [`in_partition`] (`{t}` the table, `{mask}`
+/// the mask): the partition expression first, which the partition index alone provides.
+pub const PARTITION_ORDER: &str = "({t}.key_hash & {mask}), {t}.transaction_id, {t}.position";
+
+/// The statement behind [`read_partition`] (`$1` the cursor's transaction id as text, `$2` its
+/// position, `$3` the limit), public so that tests can check its plan on a large log.
+pub fn partition_page_sql(partitions: u32, partition: u32) -> String {
+    let mask = partitions - 1;
+    format!(
+        "SELECT {LOG_EVENT_COLUMNS}
+           FROM events
+          WHERE {}
+            AND (events.transaction_id, events.position) > ($1::text::xid8, $2)
+            AND events.transaction_id < {HORIZON_SQL}
+          ORDER BY {}
+          LIMIT $3",
+        in_partition("events", mask, &partition.to_string()),
+        PARTITION_ORDER
+            .replace("{t}", "events")
+            .replace("{mask}", &mask.to_string()),
+    )
+}
+
+/// Reads up to `limit` events of one partition (of `partitions`) after `after`, in log order,
+/// stopping below the horizon ([`HORIZON_SQL`]). Run it outside a transaction, or before the
+/// calling transaction writes anything.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn read_partition(
+    conn: &mut PgConnection,
+    partitions: u32,
+    partition: u32,
+    after: Cursor,
+    limit: i64,
+) -> sqlx::Result<Vec<LogEvent>> {
+    sqlx::query_as(&partition_page_sql(partitions, partition))
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .persistent(true)
+        .fetch_all(conn)
+        .await
+}
+
+/// What lies after a partition's cursor when [`read_partition`] found nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// The partition has no event after its cursor. `passed` is the newest event of the whole
+    /// log below the horizon, if it is after the cursor: the partition can move its cursor
+    /// there.
+    Nothing {
+        /// Where the partition's cursor can move.
+        passed: Option<Cursor>,
+    },
+    /// The partition's next event is readable now (its writer ended since the page was read).
+    Readable,
+    /// The partition's next event lies above the horizon: a writer is still open.
+    HeldBack,
+}
+
+/// Looks past an idle partition's cursor (see [`Tail`]).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn partition_tail(
+    conn: &mut PgConnection,
+    partitions: u32,
+    partition: u32,
+    after: Cursor,
+) -> sqlx::Result<Tail> {
+    let mask = partitions - 1;
+    let sql = format!(
+        "WITH h AS MATERIALIZED (SELECT {HORIZON_SQL} AS horizon)
+         SELECT (SELECT ARRAY[e.transaction_id::text::bigint, e.position] FROM events e, h
+                  WHERE e.transaction_id < h.horizon
+                    AND (e.transaction_id, e.position) > ($1::text::xid8, $2)
+                  ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1),
+                (SELECT e.transaction_id < h.horizon FROM events e, h
+                  WHERE {}
+                    AND (e.transaction_id, e.position) > ($1::text::xid8, $2)
+                  ORDER BY {} LIMIT 1)",
+        in_partition("e", mask, &partition.to_string()),
+        PARTITION_ORDER
+            .replace("{t}", "e")
+            .replace("{mask}", &mask.to_string()),
+    );
+    let (passed, next_readable): (Option<Vec<i64>>, Option<bool>) = sqlx::query_as(&sql)
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .fetch_one(conn)
+        .await?;
+    Ok(match next_readable {
+        Some(true) => Tail::Readable,
+        Some(false) => Tail::HeldBack,
+        None => Tail::Nothing {
+            passed: passed.and_then(|p| match p[..] {
+                [transaction_id, position] => Some(Cursor {
+                    transaction_id,
+                    position,
+                }),
+                _ => None,
+            }),
+        },
+    })
+}
+
+/// A transaction that holds the horizon back: a writer of this log still open, oldest first.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct HorizonHolder {
+    /// Its backend's process id (`pg_terminate_backend` takes it).
+    pub pid: i32,
+    /// The database it is connected to.
+    pub database: Option<String>,
+    /// Its transaction id.
+    pub transaction_id: i64,
+    /// When its transaction began.
+    pub since: Option<DateTime<Utc>>,
+    /// `active`, `idle in transaction`, ...
+    pub state: Option<String>,
+    /// The application name it gave (orderline's connections name their process).
+    pub application: Option<String>,
+}
+
+/// The writers of this log whose transactions are open, oldest first (at most 10): what a
+/// stalled consumer waits for.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn horizon_holders(pool: &sqlx::PgPool) -> sqlx::Result<Vec<HorizonHolder>> {
+    sqlx::query_as(
+        "SELECT a.pid, a.datname::text AS database, a.backend_xid::text::bigint AS transaction_id,
+                a.xact_start AS since, a.state, a.application_name AS application
+           FROM pg_locks w JOIN pg_stat_activity a ON a.pid = w.pid
+          WHERE w.locktype = 'advisory' AND w.granted AND w.classid = 8106 AND w.objid = 0
+            AND w.objsubid = 2
+            AND w.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND a.backend_xid IS NOT NULL AND a.pid <> pg_backend_pid()
+          ORDER BY a.xact_start LIMIT 10",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 // ORDER BY names the table's columns: unqualified, `transaction_id` would mean the output
 // column (the bigint cast), which no index serves, and every page would sort the whole table.
 fn read_page_sql() -> &'static str {
@@ -197,15 +393,15 @@ fn read_page_sql() -> &'static str {
             "SELECT {LOG_EVENT_COLUMNS}
                FROM events
               WHERE (events.transaction_id, events.position) > ($1::text::xid8, $2)
-                AND events.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                AND events.transaction_id < {HORIZON_SQL}
               ORDER BY events.transaction_id, events.position
               LIMIT $3"
         )
     })
 }
 
-/// Reads up to `limit` events after `after`, in log order, stopping below the oldest running
-/// transaction. Run it before the calling transaction writes anything: a transaction with its
+/// Reads up to `limit` events of the whole log after `after`, in log order, stopping below the
+/// horizon ([`HORIZON_SQL`]). Run it before the calling transaction writes anything: a transaction with its
 /// own transaction id would hold back its own reads.
 ///
 /// # Errors
@@ -223,7 +419,7 @@ pub async fn read_page(
         .await
 }
 
-/// Whether any event, readable yet or not, lies after `cursor`. When [`read_page`] comes back
+/// Whether any event of the whole log, readable yet or not, lies after `cursor`. When [`read_page`] comes back
 /// empty this tells "nothing new" from "held back by an open transaction".
 ///
 /// Every caught-up consumer asks this on every poll, so it must cost the same on a log of a

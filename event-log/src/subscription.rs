@@ -1,21 +1,28 @@
-//! Checkpointed subscriptions: each named [`Consumer`] follows the global log from its own
-//! checkpoint, and the checkpoint moves in the same transaction as the consumer's writes, so
-//! each event takes effect exactly once in the database (guarantee: transactional).
+//! Checkpointed, partitioned subscriptions: each named [`Consumer`] follows the global log in
+//! partitions (by a hash of the event's aggregate id; see [`crate::partitions`]), each with its
+//! own checkpoint, and a checkpoint moves in the same transaction as the consumer's writes, so
+//! each event takes effect exactly once in the database (guarantee: transactional). Within a
+//! key, events are applied in log order; partitions run in parallel.
 //!
-//! Per consumer, one task:
-//! - holds a lease on the consumer's checkpoint row (owner, expiry, fencing token; see
-//!   `docs/adr/0010-fenced-leases.md`) so that among several processes sharing the database
-//!   exactly one applies the consumer. It renews the lease between pages; when its process dies
-//!   or freezes the lease expires and another process takes it with a higher token;
-//! - reads a page after its checkpoint, locks the checkpoint row, checks that it did not move and
-//!   that the lease's token is still there (a runner that woke after a takeover commits
-//!   nothing), applies the page and advances the checkpoint, all in one transaction;
-//! - on failure retries with exponential back-off, narrowing to one event at a time; an event
-//!   that keeps failing parks the consumer (state `parked`, error and position in the
-//!   `checkpoints` row, visible in the admin API) instead of crashing the process. Taking the
-//!   lease again (a restart) clears the parked state and tries once more;
-//! - sleeps until the `events_notify` trigger's NOTIFY, or the polling interval, wakes it.
+//! Per process:
+//! - per consumer, one manager task keeps the process's row for it in `log_processes` alive
+//!   (counting the processes that run the consumer), and holds leases on partitions (owner, expiry, fencing token;
+//!   `docs/adr/0010-fenced-leases.md`): it takes free or expired ones up to this process's even
+//!   share, gives up those beyond it when another process joins, and renews the rest in one
+//!   statement every third of the lease time. When a process dies or freezes its leases expire
+//!   and the others take them with higher tokens;
+//! - per held partition, one worker: it reads a page of its partition after its checkpoint,
+//!   locks the checkpoint row, checks that it did not move and that the lease's token is still
+//!   there (a worker that woke after a takeover commits nothing), applies the page and advances
+//!   the checkpoint, all in one transaction;
+//! - on failure a worker retries with exponential back-off, narrowing to one event at a time;
+//!   an event that keeps failing parks the partition (state `parked`, error and position in its
+//!   row, visible in the admin API) instead of crashing the process. Taking the lease again
+//!   clears the parked state and tries once more;
+//! - a worker sleeps until a NOTIFY naming a key of its partition, or the polling interval,
+//!   wakes it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +32,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::checkpoints;
-use crate::{crash, reader, Cursor, LogEvent, NOTIFY_CHANNEL};
+use crate::checkpoints::{self, Lease};
+use crate::{crash, processes, reader, Cursor, LogEvent, NOTIFY_CHANNEL};
 
 /// The error a consumer reports for a page it could not apply.
 pub type ConsumerError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,8 +41,20 @@ pub type ConsumerError = Box<dyn std::error::Error + Send + Sync>;
 /// Something that follows the global log.
 #[async_trait::async_trait]
 pub trait Consumer: Send + Sync + 'static {
-    /// Unique, stable name: the key of its checkpoint and lease.
+    /// Unique, stable name: the key of its checkpoints and leases.
     fn name(&self) -> &str;
+
+    /// What it is, for operators: `projection`, `saga`, `relay`, `notifications`, ...
+    fn kind(&self) -> &str {
+        "consumer"
+    }
+
+    /// Whether [`Consumer::apply`] appends events to the log. The runner then announces the
+    /// page's transaction as a writer before it writes anything
+    /// (`event_store::locks::announce_writer`), as every writer of the log must.
+    fn writes_events(&self) -> bool {
+        false
+    }
 
     /// Applies `events` (consecutive, in log order) using `tx`, the transaction in which the
     /// checkpoint then moves past them. Everything it writes must go through `tx`; an error
@@ -83,6 +102,11 @@ pub struct RunnerConfig {
     /// How long a lease runs unless renewed: how soon another process takes over from one
     /// that died or froze. Renewed every third of it.
     pub lease_ttl: Duration,
+    /// The log's partition count, as [`crate::partitions::ensure`] answered it.
+    pub partitions: u32,
+    /// The name this process holds leases under: `host:pid:random` by default, so that an
+    /// operator can match an owner to a process and two servers in one process still differ.
+    pub owner: String,
 }
 
 impl Default for RunnerConfig {
@@ -93,6 +117,8 @@ impl Default for RunnerConfig {
             attempts_before_parking: 5,
             lease_retry: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(5),
+            partitions: crate::partitions::DEFAULT_PARTITIONS,
+            owner: owner_name(),
         }
     }
 }
@@ -101,30 +127,77 @@ impl Default for RunnerConfig {
 pub struct Subscriptions {
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    owner: String,
+}
+
+/// One wake-up channel per partition, shared by every consumer's worker of that partition.
+#[derive(Clone)]
+struct Wakes(Arc<Vec<watch::Sender<u64>>>);
+
+impl Wakes {
+    fn new(partitions: u32) -> Self {
+        Self(Arc::new(
+            (0..partitions).map(|_| watch::channel(0u64).0).collect(),
+        ))
+    }
+
+    fn wake(&self, partition: u32) {
+        if let Some(wake) = self.0.get(partition as usize) {
+            wake.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn wake_all(&self) {
+        for wake in self.0.iter() {
+            wake.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn subscribe(&self, partition: u32) -> watch::Receiver<u64> {
+        match self.0.get(partition as usize) {
+            Some(wake) => wake.subscribe(),
+            None => watch::channel(0u64).1,
+        }
+    }
 }
 
 impl Subscriptions {
-    /// Starts one task per consumer and one that turns NOTIFYs into wake-ups.
+    /// Starts one lease manager per consumer (which keeps the process's heartbeat for it and
+    /// starts a worker per partition it holds) and one task that turns NOTIFYs into wake-ups.
     pub fn spawn(pool: &PgPool, consumers: Vec<Arc<dyn Consumer>>, config: &RunnerConfig) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let (wake, woken) = watch::channel(0u64);
-        let mut tasks = vec![tokio::spawn(listen(pool.clone(), wake, stopped.clone()))];
-        let owner = owner_name();
+        let partitions = config.partitions.max(1);
+        let wakes = Wakes::new(partitions);
+        let owner = config.owner.clone();
+        let mut tasks = vec![tokio::spawn(listen(
+            pool.clone(),
+            wakes.clone(),
+            partitions,
+            stopped.clone(),
+        ))];
         for consumer in consumers {
-            let runner = Runner {
+            let manager = Manager {
                 pool: pool.clone(),
                 owner: owner.clone(),
                 consumer,
                 config: config.clone(),
-                woken: woken.clone(),
+                partitions,
+                wakes: wakes.clone(),
                 stopped: stopped.clone(),
+                workers: HashMap::new(),
+                stopping: Vec::new(),
             };
-            tasks.push(tokio::spawn(runner.run()));
+            tasks.push(tokio::spawn(manager.run()));
         }
-        Self { tasks, stop }
+        Self { tasks, stop, owner }
     }
 
-    /// Stops every consumer after its current transaction and waits for them.
+    /// The name this process holds its leases under (`host:pid:runner`).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Stops every consumer after its current transaction, gives up the leases, and waits.
     pub async fn shutdown(self) {
         self.stop.send_replace(true);
         for task in self.tasks {
@@ -135,8 +208,7 @@ impl Subscriptions {
     }
 }
 
-/// The name this process's runners hold leases under: `host:pid:random`, so that an operator
-/// can match an owner to a process and two servers in one process still differ.
+/// A fresh name for a process's leases: `host:pid:random`.
 fn owner_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -145,11 +217,21 @@ fn owner_name() -> String {
     format!("{host}:{}:{}", std::process::id(), &run[..8])
 }
 
-/// Turns NOTIFYs on the events channel into wake-ups. When the listener connection fails the
-/// consumers still poll, so this only retries.
-async fn listen(pool: PgPool, wake: watch::Sender<u64>, stopped: watch::Receiver<bool>) {
-    forward_notifications(&pool, NOTIFY_CHANNEL, stopped, |_| {
-        wake.send_modify(|n| *n = n.wrapping_add(1));
+/// Turns NOTIFYs on the events channel (a comma-separated list of the low 8 bits of the key
+/// hashes written, which hold the partition) into wake-ups of those partitions. When the listener connection fails the workers still
+/// poll, so this only retries; on every (re)connection every partition is woken.
+async fn listen(pool: PgPool, wakes: Wakes, partitions: u32, stopped: watch::Receiver<bool>) {
+    forward_notifications(&pool, NOTIFY_CHANNEL, stopped, |payload| {
+        let Some(payload) = payload.filter(|p| !p.is_empty()) else {
+            wakes.wake_all();
+            return;
+        };
+        for hash in payload.split(',') {
+            match hash.parse::<i32>() {
+                Ok(hash) => wakes.wake(reader::partition_of(hash, partitions)),
+                Err(_) => wakes.wake_all(),
+            }
+        }
     })
     .await;
 }
@@ -199,18 +281,229 @@ async fn sleep_or_stop(duration: Duration, stopped: &mut watch::Receiver<bool>) 
     }
 }
 
-/// What one step of a consumer did.
+/// A worker the manager started, and how to stop it.
+struct Running {
+    lease: Lease,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A worker asked to stop, and whether its lease is to be given up once it has (it is still
+/// ours: handing partitions over to another process) or was lost already.
+struct Stopping {
+    running: Running,
+    release: bool,
+}
+
+/// Holds one consumer's leases in this process and runs a worker per held partition. It never
+/// waits for a worker: one that is stopping (its page finishing) is looked at again next round,
+/// so renewals of the other leases never fall behind.
+struct Manager {
+    pool: PgPool,
+    owner: String,
+    consumer: Arc<dyn Consumer>,
+    config: RunnerConfig,
+    partitions: u32,
+    wakes: Wakes,
+    stopped: watch::Receiver<bool>,
+    workers: HashMap<u32, Running>,
+    stopping: Vec<Stopping>,
+}
+
+impl Manager {
+    async fn run(mut self) {
+        let name = self.consumer.name().to_owned();
+        let kind = self.consumer.kind().to_owned();
+        // The rows first: without them there is nothing to lease.
+        loop {
+            let ensured = async {
+                let mut conn = self.pool.acquire().await?;
+                checkpoints::ensure(&mut conn, &name, &kind, self.partitions).await
+            };
+            match ensured.await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "cannot register the consumer");
+                }
+            }
+            if sleep_or_stop(self.config.lease_retry, &mut self.stopped).await {
+                return;
+            }
+        }
+        let tick = (self.config.lease_ttl / 3).min(self.config.lease_retry);
+        loop {
+            if *self.stopped.borrow() {
+                break;
+            }
+            // A test's pause point freezes this consumer as a frozen process would be.
+            if !crash::frozen(&name) {
+                if let Err(e) = self.balance().await {
+                    tracing::warn!(consumer = %name, error = %e, "cannot renew or take leases");
+                }
+            }
+            if sleep_or_stop(tick, &mut self.stopped).await {
+                break;
+            }
+        }
+        // Shutdown: every worker finishes its page, then every lease still ours is given up.
+        let mut leases: Vec<Lease> = self.workers.values().map(|w| w.lease).collect();
+        leases.extend(
+            self.stopping
+                .iter()
+                .filter(|s| s.release)
+                .map(|s| s.running.lease),
+        );
+        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        for (_, running) in self.workers.drain() {
+            running.stop.send_replace(true);
+            tasks.push(running.task);
+        }
+        tasks.extend(self.stopping.drain(..).map(|s| s.running.task));
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(consumer = %name, error = %e, "a partition worker failed");
+            }
+        }
+        let released = async {
+            let mut conn = self.pool.acquire().await?;
+            checkpoints::release(&mut conn, &name, &leases).await
+        };
+        if let Err(e) = released.await {
+            tracing::warn!(consumer = %name, error = %e, "cannot release the leases");
+        }
+        if let Err(e) = processes::leave(&self.pool, &self.owner, &name).await {
+            tracing::warn!(consumer = %name, error = %e, "cannot remove this process's heartbeat");
+        }
+    }
+
+    /// One round: forget finished workers, give up the leases of those that were handing over,
+    /// renew the rest, then take or give up partitions to hold this process's share.
+    async fn balance(&mut self) -> sqlx::Result<()> {
+        let name = self.consumer.name().to_owned();
+        // A worker that ended by itself was fenced off: its lease is someone else's now.
+        self.workers.retain(|_, w| !w.task.is_finished());
+        let (done, still): (Vec<Stopping>, Vec<Stopping>) = std::mem::take(&mut self.stopping)
+            .into_iter()
+            .partition(|s| s.running.task.is_finished());
+        self.stopping = still;
+        let handed_over: Vec<Lease> = done
+            .iter()
+            .filter(|s| s.release)
+            .map(|s| s.running.lease)
+            .collect();
+        let mut conn = self.pool.acquire().await?;
+        let live =
+            processes::heartbeat(&mut conn, &self.owner, &name, self.config.lease_ttl).await?;
+        checkpoints::release(&mut conn, &name, &handed_over).await?;
+
+        // Renew what is ours, including leases whose workers are finishing a page before
+        // handing over (so that page still commits).
+        let mut held: Vec<Lease> = self.workers.values().map(|w| w.lease).collect();
+        held.extend(
+            self.stopping
+                .iter()
+                .filter(|s| s.release)
+                .map(|s| s.running.lease),
+        );
+        let kept = checkpoints::renew(&mut conn, &name, &held, self.config.lease_ttl).await?;
+        let lost: Vec<u32> = held
+            .iter()
+            .filter(|l| !kept.contains(l))
+            .map(|l| l.partition)
+            .collect();
+        if !lost.is_empty() {
+            tracing::warn!(consumer = %name, partitions = ?lost, "leases taken over; stopping their workers");
+            self.stop(&lost, false);
+            for s in &mut self.stopping {
+                if lost.contains(&s.running.lease.partition) {
+                    s.release = false;
+                }
+            }
+        }
+
+        // Partitions whose holder died or froze are taken whatever the share: they must not
+        // wait for its heartbeat to run out. The share evens things out afterwards.
+        let expired = checkpoints::acquire(
+            &mut conn,
+            &name,
+            &self.owner,
+            self.config.lease_ttl,
+            self.partitions,
+            checkpoints::Claim::Expired,
+        )
+        .await?;
+        let share = processes::share(self.partitions, live);
+        let holding = u32::try_from(self.workers.len() + expired.len()).unwrap_or(u32::MAX);
+        let free = if holding < share && self.stopping.is_empty() {
+            checkpoints::acquire(
+                &mut conn,
+                &name,
+                &self.owner,
+                self.config.lease_ttl,
+                self.partitions,
+                checkpoints::Claim::Free(share - holding),
+            )
+            .await?
+        } else {
+            Vec::new()
+        };
+        for lease in expired.into_iter().chain(free) {
+            // A new holder gives a parked partition one more try (a fixed deployment, say).
+            checkpoints::unpark(&mut conn, &name, lease.partition).await?;
+            tracing::info!(consumer = %name, owner = %self.owner, partition = lease.partition, token = lease.token, "took a partition");
+            self.start_worker(lease);
+        }
+        let holding = u32::try_from(self.workers.len()).unwrap_or(u32::MAX);
+        if holding > share {
+            // Another process joined: hand the highest partitions over after their pages.
+            let mut mine: Vec<u32> = self.workers.keys().copied().collect();
+            mine.sort_unstable();
+            let extra = mine.split_off(share as usize);
+            tracing::info!(consumer = %name, partitions = ?extra, share, "handing partitions to another process");
+            self.stop(&extra, true);
+        }
+        Ok(())
+    }
+
+    fn start_worker(&mut self, lease: Lease) {
+        let (stop, stopped) = watch::channel(false);
+        let worker = Worker {
+            pool: self.pool.clone(),
+            consumer: self.consumer.clone(),
+            config: self.config.clone(),
+            partitions: self.partitions,
+            lease,
+            woken: self.wakes.subscribe(lease.partition),
+            stopped,
+            process_stopped: self.stopped.clone(),
+        };
+        let task = tokio::spawn(worker.run());
+        self.workers
+            .insert(lease.partition, Running { lease, stop, task });
+    }
+
+    /// Asks the workers of `partitions` to stop after their page; `release` gives their leases
+    /// up once they have.
+    fn stop(&mut self, partitions: &[u32], release: bool) {
+        for partition in partitions {
+            if let Some(running) = self.workers.remove(partition) {
+                running.stop.send_replace(true);
+                self.stopping.push(Stopping { running, release });
+            }
+        }
+    }
+}
+
+/// What one step of a worker did.
 enum Step {
-    /// Applied a page.
+    /// Applied a page (or moved an idle partition's cursor past other partitions' events).
     Applied,
-    /// Nothing new in the log.
+    /// Nothing new in the partition.
     Idle,
-    /// Newer events exist but an older transaction is still open; they become readable when
-    /// it ends.
+    /// Newer events of the partition exist but their writer is still open; they become
+    /// readable when it ends.
     HeldBack,
-    /// The consumer is parked.
-    Parked,
-    /// Another runner moved the checkpoint; read again.
+    /// Another transaction moved the checkpoint; read it again.
     Moved,
     /// The lease was taken over while the page was in hand; nothing was committed.
     Fenced,
@@ -224,17 +517,38 @@ struct Failure {
     transient: bool,
 }
 
-struct Runner {
-    pool: PgPool,
-    /// The name leases are held under.
-    owner: String,
-    consumer: Arc<dyn Consumer>,
-    config: RunnerConfig,
-    woken: watch::Receiver<u64>,
-    stopped: watch::Receiver<bool>,
+impl Failure {
+    fn database(error: &sqlx::Error) -> Self {
+        Self {
+            error: error.to_string(),
+            first: None,
+            transient: false,
+        }
+    }
+
+    fn consumer(error: &ConsumerError, page: Vec<LogEvent>) -> Self {
+        Self {
+            transient: error.is::<Transient>(),
+            error: error.to_string(),
+            first: page.into_iter().next(),
+        }
+    }
 }
 
-impl Runner {
+/// Applies one partition of one consumer while the manager holds its lease.
+struct Worker {
+    pool: PgPool,
+    consumer: Arc<dyn Consumer>,
+    config: RunnerConfig,
+    partitions: u32,
+    lease: Lease,
+    woken: watch::Receiver<u64>,
+    /// The manager's stop (lease lost, given up, or shutdown).
+    stopped: watch::Receiver<bool>,
+    process_stopped: watch::Receiver<bool>,
+}
+
+impl Worker {
     fn batch_size(&self) -> i64 {
         self.consumer
             .max_batch()
@@ -244,243 +558,228 @@ impl Runner {
             .max(1)
     }
 
+    fn stopping(&self) -> bool {
+        *self.stopped.borrow() || *self.process_stopped.borrow()
+    }
+
     async fn run(mut self) {
         let name = self.consumer.name().to_owned();
-        loop {
-            match self.lease().await {
-                Ok(Some(lease)) => {
-                    tracing::info!(consumer = %name, owner = %self.owner, token = lease.token, "took the lease; following the log");
-                    match self.follow(lease).await {
-                        Ok(true) => return,
-                        Ok(false) => {
-                            tracing::warn!(consumer = %name, "the lease was taken over; following no more");
-                        }
-                        Err(e) => {
-                            tracing::warn!(consumer = %name, error = %e, "cannot renew the lease");
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(consumer = %name, error = %e, "cannot take the lease"),
-            }
-            let retry = self.config.lease_retry;
-            if sleep_or_stop(retry, &mut self.stopped).await {
-                return;
-            }
-        }
-    }
-
-    /// Takes the consumer's lease, or `None` while another process holds it.
-    async fn lease(&self) -> sqlx::Result<Option<checkpoints::Lease>> {
-        let mut conn = self.pool.acquire().await?;
-        let name = self.consumer.name();
-        checkpoints::ensure(&mut conn, name).await?;
-        let Some(lease) =
-            checkpoints::acquire(&mut conn, name, &self.owner, self.config.lease_ttl).await?
-        else {
-            return Ok(None);
-        };
-        // A new leader gives a parked consumer one more try (a fixed deployment, say).
-        checkpoints::unpark(&mut conn, name).await?;
-        Ok(Some(lease))
-    }
-
-    /// Applies the log while holding `lease`, renewing it between pages; `Ok(true)` when asked
-    /// to stop (the lease is then released), `Ok(false)` when it was taken over.
-    async fn follow(&mut self, lease: checkpoints::Lease) -> sqlx::Result<bool> {
-        let name = self.consumer.name().to_owned();
+        let partition = self.lease.partition;
         let mut batch = self.batch_size();
         let mut failures = 0u32;
         let mut held_back = 0u32;
-        let ttl = self.config.lease_ttl;
-        let mut renewed = tokio::time::Instant::now();
-        loop {
-            if *self.stopped.borrow() {
-                let mut conn = self.pool.acquire().await?;
-                checkpoints::release(&mut conn, &name, lease).await?;
-                return Ok(true);
+        let mut at: Option<(Cursor, bool)> = None;
+        while !self.stopping() {
+            let (cursor, parked) = match at {
+                Some(known) => known,
+                None => match self.read_checkpoint().await {
+                    Ok(known) => known,
+                    Err(e) => {
+                        tracing::warn!(consumer = %name, partition, error = %e, "cannot read the checkpoint");
+                        self.pause(self.config.lease_retry).await;
+                        continue;
+                    }
+                },
+            };
+            at = Some((cursor, parked));
+            if parked {
+                let poll = self.config.poll_interval;
+                self.pause(poll).await;
+                // The manager unparks on a new lease; look again now and then.
+                at = None;
+                continue;
             }
-            if renewed.elapsed() > ttl / 3 {
-                let mut conn = self.pool.acquire().await?;
-                if !checkpoints::renew(&mut conn, &name, lease, ttl).await? {
-                    return Ok(false);
-                }
-                renewed = tokio::time::Instant::now();
-            }
-            let step = self.step(batch, lease).await;
-            if !matches!(step, Ok(Step::HeldBack)) {
+            let step = self.step(cursor, batch).await;
+            if !matches!(step, Ok((Step::HeldBack, _))) {
                 held_back = 0;
             }
             match step {
-                Ok(Step::Applied) => {
+                Ok((Step::Applied, next)) => {
                     failures = 0;
                     batch = self.batch_size();
+                    at = Some((next, false));
                 }
-                Ok(Step::Moved) => {}
-                Ok(Step::Fenced) => return Ok(false),
-                Ok(Step::Idle) => self.idle().await,
-                Ok(Step::HeldBack) => {
+                Ok((Step::Moved, _)) => at = None,
+                Ok((Step::Fenced, _)) => return,
+                Ok((Step::Idle, _)) => self.idle().await,
+                Ok((Step::HeldBack, _)) => {
                     // Most holding transactions last milliseconds; some last long. Look again
                     // soon, then less often.
                     held_back += 1;
-                    let wait = Duration::from_millis(1 << held_back.min(6));
-                    sleep_or_stop(wait, &mut self.stopped).await;
-                }
-                Ok(Step::Parked) => {
-                    let poll = self.config.poll_interval;
-                    sleep_or_stop(poll, &mut self.stopped).await;
+                    self.pause(Duration::from_millis(1 << held_back.min(6)))
+                        .await;
                 }
                 Err(failure) => {
                     failures += 1;
-                    tracing::warn!(consumer = self.consumer.name(), attempt = failures, error = %failure.error, "a page failed");
+                    tracing::warn!(consumer = %name, partition, attempt = failures, error = %failure.error, "a page failed");
+                    let backoff =
+                        Duration::from_millis(100 << failures.min(8)).min(Duration::from_secs(30));
                     if failure.transient {
                         // The outside world is down, not the events at fault: keep the page
                         // whole, show the error, and wait longer each time.
                         self.note_error(&failure.error).await;
-                        let backoff = Duration::from_millis(100 << failures.min(8))
-                            .min(Duration::from_secs(30));
-                        sleep_or_stop(backoff, &mut self.stopped).await;
+                        self.pause(backoff).await;
                         continue;
                     }
                     if batch == 1 && failures >= self.config.attempts_before_parking {
                         self.park(&failure).await;
                         failures = 0;
                         batch = self.batch_size();
+                        at = None;
                         continue;
                     }
                     // Narrow down to the failing event, then back off.
                     batch = 1;
-                    let backoff =
-                        Duration::from_millis(100 << failures.min(8)).min(Duration::from_secs(30));
-                    sleep_or_stop(backoff, &mut self.stopped).await;
+                    self.pause(backoff).await;
+                    at = None;
                 }
             }
         }
     }
 
-    /// Waits for a NOTIFY or the polling interval.
+    async fn read_checkpoint(&self) -> sqlx::Result<(Cursor, bool)> {
+        let mut conn = self.pool.acquire().await?;
+        checkpoints::read(&mut conn, self.consumer.name(), self.lease.partition).await
+    }
+
+    /// Sleeps unless told to stop.
+    async fn pause(&mut self, duration: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => {}
+            _ = self.stopped.changed() => {}
+            _ = self.process_stopped.changed() => {}
+        }
+    }
+
+    /// Waits for a NOTIFY of this partition or the polling interval.
     async fn idle(&mut self) {
         let poll = self.config.poll_interval;
         tokio::select! {
             _ = self.woken.changed() => {}
             () = tokio::time::sleep(poll) => {}
             _ = self.stopped.changed() => {}
+            _ = self.process_stopped.changed() => {}
         }
     }
 
-    async fn step(&self, limit: i64, lease: checkpoints::Lease) -> Result<Step, Failure> {
-        let failed = |error: String| Failure {
-            error,
-            first: None,
-            transient: false,
-        };
+    /// Reads a page after `cursor` and applies it; answers what happened and the cursor after.
+    async fn step(&self, cursor: Cursor, limit: i64) -> Result<(Step, Cursor), Failure> {
         let name = self.consumer.name();
-        let mut tx = self.pool.begin().await.map_err(|e| failed(e.to_string()))?;
-        // A runner frozen inside a page (its row locked) would keep every other process from
-        // taking the lease; Postgres ends such a transaction after three lease times.
-        let idle_ms = (self.config.lease_ttl * 3).as_millis();
-        sqlx::query(&format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
-        ))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-        let (cursor, parked) = checkpoints::read(&mut tx, name)
+        let partition = self.lease.partition;
+        let mut conn = self
+            .pool
+            .acquire()
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        if parked {
-            return Ok(Step::Parked);
-        }
-        // Read before this transaction writes anything (see `reader::read_page`).
-        let page = reader::read_page(&mut tx, cursor, limit)
+            .map_err(|e| Failure::database(&e))?;
+        let page = reader::read_partition(&mut conn, self.partitions, partition, cursor, limit)
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        let Some(last) = page.last() else {
-            let newer = reader::has_events_after(&mut tx, cursor)
+            .map_err(|e| Failure::database(&e))?;
+        let Some(last) = page.last().map(LogEvent::cursor) else {
+            let tail = reader::partition_tail(&mut conn, self.partitions, partition, cursor)
                 .await
-                .map_err(|e| failed(e.to_string()))?;
-            return Ok(if newer { Step::HeldBack } else { Step::Idle });
+                .map_err(|e| Failure::database(&e))?;
+            drop(conn);
+            return match tail {
+                reader::Tail::HeldBack => Ok((Step::HeldBack, cursor)),
+                reader::Tail::Readable => Ok((Step::Moved, cursor)),
+                // Other partitions' events went by: move this partition's cursor past them, so
+                // that it shows how far the consumer is (nothing of this partition lies there).
+                reader::Tail::Nothing {
+                    passed: Some(passed),
+                } => self.commit(cursor, passed, Vec::new()).await,
+                reader::Tail::Nothing { passed: None } => Ok((Step::Idle, cursor)),
+            };
         };
+        drop(conn);
         let span = tracing::info_span!(
             "consumer_page",
             consumer = name,
+            partition,
             after = %cursor,
             events = page.len()
         );
-        let last = last.cursor();
-        self.apply_page(tx, cursor, last, page, lease)
-            .instrument(span)
-            .await
+        self.commit(cursor, last, page).instrument(span).await
     }
 
-    /// Delivers and applies one page read after `cursor`, moves the checkpoint to `last` in the
-    /// same transaction, and commits; [`Step::Moved`] if another page moved the checkpoint
-    /// meanwhile, [`Step::Fenced`] if `lease` was taken over.
-    async fn apply_page(
+    /// Delivers and applies `page` (read after `cursor`), moves the checkpoint to `last` in the
+    /// same transaction, and commits; [`Step::Moved`] if another transaction moved the
+    /// checkpoint meanwhile, [`Step::Fenced`] if the lease was taken over.
+    async fn commit(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
         cursor: Cursor,
         last: Cursor,
         page: Vec<LogEvent>,
-        lease: checkpoints::Lease,
-    ) -> Result<Step, Failure> {
-        let failed = |error: String| Failure {
-            error,
-            first: None,
-            transient: false,
-        };
+    ) -> Result<(Step, Cursor), Failure> {
         let name = self.consumer.name();
-        if let Err(e) = self.consumer.deliver(&page).await {
-            return Err(Failure {
-                transient: e.is::<Transient>(),
-                error: e.to_string(),
-                first: page.into_iter().next(),
-            });
+        let partition = self.lease.partition;
+        if !page.is_empty() {
+            if let Err(e) = self.consumer.deliver(&page).await {
+                return Err(Failure::consumer(&e, page));
+            }
         }
-        crash::pause(&format!("before_page_lock:{name}")).await;
-        let held = checkpoints::lock_if_at(&mut tx, name, cursor, lease)
+        // A worker frozen inside a page (its row locked) would keep every other process from
+        // taking the lease; Postgres ends such a transaction after three lease times. A
+        // consumer that appends events announces itself before its first write.
+        let idle_ms = (self.config.lease_ttl * 3).as_millis();
+        let announce = if self.consumer.writes_events() && !page.is_empty() {
+            format!("; {}", event_store::locks::ANNOUNCE_WRITER_SQL)
+        } else {
+            String::new()
+        };
+        let mut tx = self
+            .pool
+            .begin_with(format!(
+                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}{announce}"
+            ))
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| Failure::database(&e))?;
+        crash::pause(&format!("before_page_lock:{name}")).await;
+        let held = checkpoints::lock_if_at(&mut tx, name, cursor, self.lease)
+            .await
+            .map_err(|e| Failure::database(&e))?;
         match held {
             checkpoints::Held::Ours => {}
-            checkpoints::Held::Moved => return Ok(Step::Moved),
+            checkpoints::Held::Moved => return Ok((Step::Moved, cursor)),
             checkpoints::Held::Fenced => {
                 tracing::warn!(
                     consumer = name,
-                    token = lease.token,
+                    partition,
+                    token = self.lease.token,
                     "the lease moved on while the page was in hand; it is not applied"
                 );
-                return Ok(Step::Fenced);
+                return Ok((Step::Fenced, cursor));
             }
         }
-        if let Err(e) = self.consumer.apply(&mut tx, &page).await {
-            return Err(Failure {
-                transient: e.is::<Transient>(),
-                error: e.to_string(),
-                first: page.into_iter().next(),
-            });
+        if !page.is_empty() {
+            if let Err(e) = self.consumer.apply(&mut tx, &page).await {
+                return Err(Failure::consumer(&e, page));
+            }
         }
-        checkpoints::advance(&mut tx, name, last, page.len())
+        checkpoints::advance(&mut tx, name, partition, last, page.len())
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        crash::point(&format!("before_checkpoint_commit:{name}"));
-        tx.commit().await.map_err(|e| failed(e.to_string()))?;
-        Ok(Step::Applied)
+            .map_err(|e| Failure::database(&e))?;
+        if !page.is_empty() {
+            crash::point(&format!("before_checkpoint_commit:{name}"));
+        }
+        tx.commit().await.map_err(|e| Failure::database(&e))?;
+        Ok((Step::Applied, last))
     }
 
     /// Shows a transient error in the checkpoint row (cleared by the next applied page).
     async fn note_error(&self, error: &str) {
-        let result = checkpoints::note_error(&self.pool, self.consumer.name(), error).await;
+        let name = self.consumer.name();
+        let result = checkpoints::note_error(&self.pool, name, self.lease.partition, error).await;
         if let Err(e) = result {
-            tracing::warn!(consumer = self.consumer.name(), error = %e, "cannot record the error");
+            tracing::warn!(consumer = name, error = %e, "cannot record the error");
         }
     }
 
     async fn park(&self, failure: &Failure) {
         let name = self.consumer.name();
+        let partition = self.lease.partition;
         let position = failure.first.as_ref().map(|e| e.position);
-        tracing::error!(consumer = name, position, error = %failure.error, "parking the consumer on a poison event");
-        let result = checkpoints::park(&self.pool, name, &failure.error, position).await;
+        tracing::error!(consumer = name, partition, position, error = %failure.error, "parking the partition on a poison event");
+        let result = checkpoints::park(&self.pool, name, partition, &failure.error, position).await;
         if let Err(e) = result {
             tracing::error!(consumer = name, error = %e, "cannot record the parked state");
         }

@@ -10,6 +10,7 @@
 //! | [`REBUILD`] | one rebuild or comparison of a projection | session | `hashtext(projection)` |
 //! | [`WRITE`] | appending to one aggregate | transaction | [`write_lock_key`] |
 //! | [`GATEWAY_CALL`] | the gateway call of one saga in flight | session | `hashtext(order id)` |
+//! | [`WRITER`] | this transaction appends events (shared; readers wait only for these) | transaction | `0` |
 
 use sqlx::PgConnection;
 
@@ -21,6 +22,50 @@ pub const REBUILD: i32 = 8103;
 pub const WRITE: i32 = 8104;
 /// Class of the lock on a saga whose gateway call is in flight.
 pub const GATEWAY_CALL: i32 = 8105;
+/// Class of the shared lock every transaction that appends events holds from before it has a
+/// transaction id ([`announce_writer`]); the log's horizon waits only for its holders.
+pub const WRITER: i32 = 8106;
+
+/// The statement that announces a writer, for callers that send it with other statements (a
+/// simple-query `BEGIN; ...`) at the start of a transaction.
+pub const ANNOUNCE_WRITER_SQL: &str = "SELECT pg_advisory_xact_lock_shared(8106, 0)";
+
+/// Starts a transaction on `pool` that may append events: `BEGIN` and [`announce_writer`] in one
+/// round trip. For writers outside the store's own paths (imports, tests, benchmarks).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn begin_writer(
+    pool: &sqlx::PgPool,
+) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    pool.begin_with(format!("BEGIN; {ANNOUNCE_WRITER_SQL}"))
+        .await
+}
+
+/// Marks the caller's transaction as one that appends events (a shared transaction-scoped
+/// lock of class [`WRITER`]); the `events_require_writer` trigger refuses inserts without it.
+/// Must come before the transaction writes anything: readers of the log ignore running
+/// transactions that are not writers, so one that got its transaction id first could commit
+/// events below a horizon that has already passed it.
+///
+/// # Errors
+/// A database error with the message "announced too late" when the transaction already has a
+/// transaction id (a bug in the caller); the database error otherwise.
+pub async fn announce_writer(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let late: bool = sqlx::query_scalar(
+        "SELECT pg_current_xact_id_if_assigned() IS NOT NULL
+           FROM (SELECT pg_advisory_xact_lock_shared(8106, 0)) AS announced",
+    )
+    .fetch_one(conn)
+    .await?;
+    if late {
+        return Err(sqlx::Error::Protocol(
+            "announced too late: a writer of events must announce itself before its first write"
+                .into(),
+        ));
+    }
+    Ok(())
+}
 
 /// The advisory lock key of one aggregate: FNV-1a of `type:id`, folded to 32 bits. Every writer
 /// computes it here, so all of them lock the same key; two aggregates that collide only take
@@ -70,7 +115,7 @@ mod tests {
 
     #[test]
     fn the_classes_are_distinct() {
-        let mut classes = [IDEMPOTENCY, REBUILD, WRITE, GATEWAY_CALL];
+        let mut classes = [IDEMPOTENCY, REBUILD, WRITE, GATEWAY_CALL, WRITER];
         classes.sort_unstable();
         assert!(classes.windows(2).all(|w| w[0] != w[1]));
     }

@@ -356,7 +356,8 @@ impl EventStore {
         let mut tx = self
             .pool
             .begin_with(format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+                "BEGIN; {}; SELECT pg_advisory_xact_lock({}, {})",
+                locks::ANNOUNCE_WRITER_SQL,
                 locks::WRITE,
                 locks::write_lock_key(A::TYPE, id)
             ))

@@ -297,6 +297,10 @@ impl Consumer for KafkaRelay {
         CONSUMER_NAME
     }
 
+    fn kind(&self) -> &str {
+        "relay"
+    }
+
     /// Nothing to write in Postgres: the checkpoint is the relay's only state.
     async fn apply(
         &self,

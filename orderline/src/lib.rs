@@ -108,8 +108,17 @@ fn cors(origins: &[axum::http::HeaderValue]) -> tower_http::cors::CorsLayer {
         .max_age(std::time::Duration::from_secs(600))
 }
 
-/// The whole HTTP API over one database; its long-lived streams wait on `live`.
-pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates) -> Router {
+/// What `/health/ready` needs: the database, and the name this process's log consumers hold
+/// their leases under.
+#[derive(Clone)]
+struct Health {
+    pool: PgPool,
+    process: Arc<str>,
+}
+
+/// The whole HTTP API over one database; its long-lived streams wait on `live`. `process` is
+/// the name this process's consumers hold leases under, shown by `/health/ready`.
+pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates, process: &str) -> Router {
     let commands = command_api::router(CommandState {
         store: EventStore::new(pool.clone()),
         keys: keys.clone(),
@@ -128,7 +137,10 @@ pub fn app(pool: PgPool, keys: TokenKeys, updates: LiveUpdates) -> Router {
     let router = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
-        .with_state(pool)
+        .with_state(Health {
+            pool,
+            process: process.into(),
+        })
         .merge(commands)
         .merge(queries)
         .merge(admin)
@@ -143,11 +155,16 @@ async fn live() -> impl IntoResponse {
     Json(json!({ "status": "up" }))
 }
 
-/// `GET /health/ready`: the database answers and every migration is applied. Anyone may ask,
-/// so the driver's error (host names, user names) goes to the log, not into the answer.
-async fn ready(State(pool): State<PgPool>) -> Result<impl IntoResponse, ApiError> {
-    match event_store::migrations_applied(&pool).await {
-        Ok(true) => Ok((StatusCode::OK, Json(json!({ "status": "ready" })))),
+/// `GET /health/ready`: the database answers and every migration is applied; `process` names
+/// this process as the owners of consumer partitions do (`GET /api/v1/admin/projections`).
+/// Anyone may ask, so the driver's error (host names, user names) goes to the log, not into
+/// the answer.
+async fn ready(State(health): State<Health>) -> Result<impl IntoResponse, ApiError> {
+    match event_store::migrations_applied(&health.pool).await {
+        Ok(true) => Ok((
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "process": &*health.process })),
+        )),
         Ok(false) => Err(ApiError::Unavailable("migrations are pending".into())),
         Err(e) => {
             tracing::warn!(error = %e, "readiness: the database is unreachable");
@@ -224,10 +241,14 @@ impl Application {
             true => Some(tokio::net::TcpListener::bind(addr).await?),
             false => None,
         };
+        let runner = RunnerConfig::default();
         let (router, live) = match parts.api {
             true => {
                 let (updates, handle) = LiveUpdates::spawn(pool.clone());
-                (app(pool.clone(), keys, updates), Some(handle))
+                (
+                    app(pool.clone(), keys, updates, &runner.owner),
+                    Some(handle),
+                )
             }
             false => (Router::new(), None),
         };
@@ -238,7 +259,7 @@ impl Application {
             gateway: Arc::new(SimulatedGateway::new(pool.clone())),
             pool,
             parts,
-            runner: RunnerConfig::default(),
+            runner,
             saga: SagaConfig::default(),
             kafka: None,
             notifier: None,
@@ -249,6 +270,14 @@ impl Application {
     #[must_use]
     pub fn with_gateway(mut self, gateway: Arc<dyn PaymentGateway>) -> Self {
         self.gateway = gateway;
+        self
+    }
+
+    /// Splits every log consumer into `partitions` partitions (a power of two; the database's
+    /// count is raised to it at start if lower, see `event_log::partitions::ensure`).
+    #[must_use]
+    pub fn with_log_partitions(mut self, partitions: u32) -> Self {
+        self.runner.partitions = partitions;
         self
     }
 
@@ -351,8 +380,14 @@ impl Application {
                 None => tracing::info!("ORDERLINE_KAFKA_BROKERS is unset: the Kafka relay is off"),
             }
         }
-        let subscriptions = (!consumers.is_empty())
-            .then(|| Subscriptions::spawn(&self.pool, consumers, &self.runner));
+        let mut runner = self.runner.clone();
+        if !consumers.is_empty() {
+            runner.partitions = event_log::partitions::ensure(&self.pool, runner.partitions)
+                .await
+                .map_err(|e| std::io::Error::other(format!("log partitions: {e}")))?;
+        }
+        let subscriptions =
+            (!consumers.is_empty()).then(|| Subscriptions::spawn(&self.pool, consumers, &runner));
         let worker = self
             .parts
             .sagas

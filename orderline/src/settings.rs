@@ -70,6 +70,10 @@ pub struct Settings {
     /// Browser origins allowed to call the API from another origin (`ORDERLINE_CORS_ORIGINS`,
     /// comma-separated, each `scheme://host[:port]`); empty (unset): no cross-origin access.
     pub cors_origins: Vec<axum::http::HeaderValue>,
+    /// Partitions of the log that every consumer is split into (`ORDERLINE_LOG_PARTITIONS`, a
+    /// power of two up to 256; default 16). More than the database has splits them at start-up;
+    /// fewer is refused.
+    pub log_partitions: u32,
 }
 
 /// The payment provider the fulfillment saga talks to.
@@ -245,7 +249,19 @@ impl Settings {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let log_partitions = match get("ORDERLINE_LOG_PARTITIONS") {
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|n| event_log::partitions::valid(*n))
+                .ok_or_else(|| SettingsError {
+                    name: "ORDERLINE_LOG_PARTITIONS",
+                    problem: "must be a power of two from 1 to 256".into(),
+                })?,
+            None => event_log::partitions::DEFAULT_PARTITIONS,
+        };
         Ok(Self {
+            log_partitions,
             database,
             addr,
             jwt_secret,

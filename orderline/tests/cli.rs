@@ -52,6 +52,7 @@ fn signal(child: &std::process::Child, name: &str) {
 /// Adds `count` raw events to the log, one transaction each, and answers the head position.
 async fn add_events(pool: &PgPool, count: i64) -> i64 {
     for _ in 0..count {
+        let mut tx = event_store::locks::begin_writer(pool).await.unwrap();
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
                                  event_version, payload, metadata)
@@ -59,9 +60,10 @@ async fn add_events(pool: &PgPool, count: i64) -> i64 {
                     '{}'::jsonb, '{}'::jsonb
                FROM events WHERE aggregate_type = 'inventory' AND aggregate_id = 'RAW'",
         )
-        .execute(pool)
+        .execute(&mut *tx)
         .await
         .unwrap();
+        tx.commit().await.unwrap();
     }
     sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
         .fetch_one(pool)
@@ -183,15 +185,17 @@ async fn following_after_a_position_not_written_yet_starts_after_it_and_ctrl_c_e
 #[tokio::test]
 async fn output_cut_short_by_its_reader_ends_the_command_quietly() {
     let (name, url, pool) = database().await;
+    let mut tx = event_store::locks::begin_writer(&pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata)
          SELECT 'inventory', 'BULK', g, 'Restocked', '1', '{}'::jsonb, '{}'::jsonb
            FROM generate_series(1, 20000) AS g",
     )
-    .execute(&pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
     let mut events = binary(&["events", "--json"], Some(&url), None)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -29,7 +29,7 @@ fn app() -> Router {
         .connect_lazy("postgres://orderline@127.0.0.1:1/unreachable")
         .unwrap();
     let (updates, _handle) = LiveUpdates::spawn(pool.clone());
-    orderline::app(pool, TokenKeys::hs256(SECRET), updates)
+    orderline::app(pool, TokenKeys::hs256(SECRET), updates, "test:0:process")
 }
 
 fn token(role: Role) -> String {

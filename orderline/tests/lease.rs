@@ -21,12 +21,14 @@ use support::{
 };
 
 const PROJECTIONS: [&str; 3] = ["inventory", "orders", "payments"];
+const PARTITIONS: usize = 16;
 
-/// Who holds each projection's lease, with its fencing token.
-async fn owners(pool: &PgPool) -> Vec<(String, Option<String>, i64)> {
+/// Who holds each projection partition's lease, with its fencing token.
+async fn owners(pool: &PgPool) -> Vec<(String, i32, Option<String>, i64)> {
     sqlx::query_as(
-        "SELECT consumer, owner, fencing_token FROM checkpoints
-          WHERE consumer = ANY($1) ORDER BY consumer",
+        "SELECT consumer, partition, owner, fencing_token FROM checkpoints
+          WHERE consumer = ANY($1) AND lease_until > clock_timestamp()
+          ORDER BY consumer, partition",
     )
     .bind(PROJECTIONS)
     .fetch_all(pool)
@@ -34,14 +36,23 @@ async fn owners(pool: &PgPool) -> Vec<(String, Option<String>, i64)> {
     .unwrap()
 }
 
-/// Whether the process `child` holds every projection's lease.
-async fn owns_all(pool: &PgPool, child: &Child) -> bool {
+fn held_by(owner: Option<&str>, child: &Child) -> bool {
     let pid = format!(":{}:", child.id());
-    let owners = owners(pool).await;
-    owners.len() == PROJECTIONS.len()
-        && owners
-            .iter()
-            .all(|(_, owner, _)| owner.as_deref().is_some_and(|o| o.contains(&pid)))
+    owner.is_some_and(|o| o.contains(&pid))
+}
+
+/// How many projection partitions the process `child` holds.
+async fn held(pool: &PgPool, child: &Child) -> usize {
+    owners(pool)
+        .await
+        .iter()
+        .filter(|(_, _, owner, _)| held_by(owner.as_deref(), child))
+        .count()
+}
+
+/// Whether the process `child` holds every projection partition's lease.
+async fn owns_all(pool: &PgPool, child: &Child) -> bool {
+    held(pool, child).await == PROJECTIONS.len() * PARTITIONS
 }
 
 fn signal(child: &Child, signal: &str) {
@@ -69,12 +80,13 @@ async fn projected_once(pool: &PgPool, order: &str) -> bool {
 }
 
 /// A server for the API and two projections processes, the first with `first_env`; answers
-/// the API's address and the three once the first holds every projection's lease and the
-/// second is running.
+/// the API's address and the three once the first holds every projection partition and,
+/// when `share` is set, once the second has taken its half.
 async fn three_processes(
     url: &str,
     pool: &PgPool,
     first_env: &[(&str, &str)],
+    share: bool,
 ) -> (String, [Child; 3]) {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -92,9 +104,41 @@ async fn three_processes(
     )
     .await;
     let second = orderline(url, free_port(), &["serve", "--only", "projections"], &[]);
-    // It has started (and failed to take the leases) once it has looked up its checkpoints.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    if share {
+        until(
+            "the two processes share the partitions evenly",
+            async || {
+                let half = PROJECTIONS.len() * PARTITIONS / 2;
+                held(pool, &first).await == half && held(pool, &second).await == half
+            },
+        )
+        .await;
+    } else {
+        // It has started once it has registered for the consumers.
+        until("the second process has started", async || {
+            sqlx::query_scalar::<_, i64>("SELECT count(DISTINCT owner) FROM log_processes")
+                .fetch_one(pool)
+                .await
+                .unwrap()
+                >= 2
+        })
+        .await;
+    }
     (base, [api, first, second])
+}
+
+/// Whether every event was applied exactly once by each projection.
+async fn applied_once(pool: &PgPool) -> bool {
+    let wrong: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT consumer, sum(events_applied) AS n FROM checkpoints
+                                 WHERE consumer = ANY($1) GROUP BY consumer) AS c
+          WHERE c.n <> (SELECT count(*) FROM events)",
+    )
+    .bind(PROJECTIONS)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    wrong == 0
 }
 
 async fn place(base: &str) -> String {
@@ -109,21 +153,39 @@ async fn place(base: &str) -> String {
 async fn a_frozen_projections_process_loses_its_leases_and_cannot_take_them_back() {
     let (database, url) = fresh_database("orderline_lease").await;
     let pool = PgPool::connect(&url).await.unwrap();
-    let (base, [mut api, mut frozen, mut standby]) = three_processes(&url, &pool, &[]).await;
+    let (base, [mut api, mut frozen, mut standby]) = three_processes(&url, &pool, &[], true).await;
+    let before: Vec<_> = owners(&pool)
+        .await
+        .into_iter()
+        .filter(|(_, _, owner, _)| held_by(owner.as_deref(), &frozen))
+        .collect();
     signal(&frozen, "-STOP");
     let order = place(&base).await;
     until(
-        "the standby projects the order while the owner is frozen",
-        async || projected_once(&pool, &order).await,
+        "the standby takes every partition and projects the order while the owner is frozen",
+        async || projected_once(&pool, &order).await && owns_all(&pool, &standby).await,
     )
     .await;
-    assert!(owns_all(&pool, &standby).await, "{:?}", owners(&pool).await);
 
-    // Woken, the old owner finds its leases taken (its renewal is refused) and stops.
+    // Woken, the old owner finds its leases taken (its renewals are refused): whatever it gets
+    // back later comes with a new token, never the one it froze with.
     signal(&frozen, "-CONT");
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(owns_all(&pool, &standby).await, "{:?}", owners(&pool).await);
+    let now = owners(&pool).await;
+    for (consumer, partition, _, token) in &before {
+        let row = now
+            .iter()
+            .find(|(c, p, _, _)| c == consumer && p == partition);
+        assert!(
+            row.is_none_or(|(_, _, _, t)| t > token),
+            "{consumer}/{partition} still carries the frozen owner's token: {now:?}"
+        );
+    }
     assert!(projected_once(&pool, &order).await);
+    until("each event applied once", async || {
+        applied_once(&pool).await
+    })
+    .await;
     for child in [&mut api, &mut frozen, &mut standby] {
         child.kill().unwrap();
         child.wait().unwrap();
@@ -136,47 +198,44 @@ async fn a_frozen_projections_process_loses_its_leases_and_cannot_take_them_back
 async fn a_page_held_past_a_takeover_is_refused_by_its_fencing_token() {
     let (database, url) = fresh_database("orderline_fence").await;
     let pool = PgPool::connect(&url).await.unwrap();
-    // The first owner's orders runner stops for 12 s with its first page read and delivered,
-    // its checkpoint not locked yet: longer than the lease (5 s), shorter than the time after
-    // which Postgres ends an idle transaction (15 s), so the page comes back to be committed.
+    // The first owner's first orders page stops for 12 s, read and delivered, its checkpoint not
+    // locked yet, and with it the renewals of its orders leases (as if frozen): longer than the
+    // lease (5 s), shorter than the time after which Postgres ends an idle transaction (15 s), so
+    // the page comes back to be committed after the standby took the partition over.
     let pause = [("ORDERLINE_PAUSE_AT", "before_page_lock:orders=12")];
-    let (base, [mut api, mut paused, mut standby]) = three_processes(&url, &pool, &pause).await;
+    let (base, [mut api, mut paused, mut standby]) =
+        three_processes(&url, &pool, &pause, false).await;
     let order = place(&base).await;
-    until(
-        "the standby takes the orders lease and projects the order",
-        async || projected_once(&pool, &order).await,
-    )
-    .await;
-    let token_of = |owners: &[(String, Option<String>, i64)]| {
+    let partition: i32 =
+        sqlx::query_scalar("SELECT DISTINCT key_hash & 15 FROM events WHERE aggregate_id = $1")
+            .bind(&order)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let token_of = |owners: &[(String, i32, Option<String>, i64)]| {
         owners
             .iter()
-            .find(|(name, _, _)| name == "orders")
-            .map(|(_, _, token)| *token)
-            .unwrap()
+            .find(|(name, p, _, _)| name == "orders" && *p == partition)
+            .map(|(_, _, owner, token)| (owner.clone(), *token))
     };
-    let taken = token_of(&owners(&pool).await);
+    until(
+        "the standby takes the order's orders partition and projects the order",
+        async || {
+            projected_once(&pool, &order).await
+                && token_of(&owners(&pool).await)
+                    .is_some_and(|(owner, _)| held_by(owner.as_deref(), &standby))
+        },
+    )
+    .await;
+    let (_, taken) = token_of(&owners(&pool).await).unwrap();
     assert!(taken >= 2, "a takeover raises the token: {taken}");
-    // Past the pause: the stale page was refused, not applied, and the lease stayed.
+    // Past the pause: the stale page was refused, not applied.
     tokio::time::sleep(Duration::from_secs(13)).await;
     assert!(projected_once(&pool, &order).await);
-    let now = owners(&pool).await;
-    assert_eq!(token_of(&now), taken, "{now:?}");
-    // Only the paused runner lost its lease; the other projections stayed where they were.
-    let pid = format!(":{}:", standby.id());
-    let orders_owner = now.iter().find(|(name, _, _)| name == "orders");
-    assert!(
-        orders_owner
-            .is_some_and(|(_, owner, _)| owner.as_deref().is_some_and(|o| o.contains(&pid))),
-        "{now:?}"
-    );
-    let (applied, events): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT events_applied FROM checkpoints WHERE consumer = 'orders'),
-                (SELECT count(*) FROM events)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(applied, events, "each event was applied once");
+    until("each event applied once", async || {
+        applied_once(&pool).await
+    })
+    .await;
     for child in [&mut api, &mut paused, &mut standby] {
         child.kill().unwrap();
         child.wait().unwrap();

@@ -71,7 +71,7 @@ async fn the_servers_relay_publishes_every_event_of_a_run_of_orders_to_a_real_br
                 AND NOT EXISTS (SELECT 1 FROM checkpoints c, events e
                                  WHERE c.consumer IN ('kafka-relay', 'fulfillment')
                                    AND (e.transaction_id, e.position) > (c.transaction_id, c.position))
-                AND (SELECT count(*) FROM checkpoints WHERE consumer = 'kafka-relay') = 1",
+                AND (SELECT count(*) FROM checkpoints WHERE consumer = 'kafka-relay') = 16",
         )
         .bind(i64::try_from(ORDERS).unwrap())
         .fetch_one(&pool)

@@ -68,6 +68,10 @@ impl Consumer for Live {
         self.0.name()
     }
 
+    fn kind(&self) -> &str {
+        "projection"
+    }
+
     async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError> {
         self.0.apply(tx, self.0.table(), events).await
     }

@@ -99,9 +99,30 @@ pub async fn rebuild(
 struct Filled {
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     cursor: Cursor,
-    events: u64,
+    counted: Counted,
     head: i64,
     started: Instant,
+}
+
+/// Events read while a twin fills, in all and by partition (of `partitions`).
+struct Counted {
+    events: u64,
+    by_partition: Vec<u64>,
+    partitions: u32,
+}
+
+impl Counted {
+    fn count(&mut self, page: &[event_log::LogEvent]) {
+        self.events += page.len() as u64;
+        for event in page {
+            if let Some(n) = self
+                .by_partition
+                .get_mut(event.partition(self.partitions) as usize)
+            {
+                *n += 1;
+            }
+        }
+    }
 }
 
 async fn fill_and_swap(
@@ -112,21 +133,22 @@ async fn fill_and_swap(
 ) -> Result<Rebuilt, RebuildError> {
     let Filled {
         mut conn,
-        mut cursor,
-        mut events,
+        cursor: filled_to,
+        mut counted,
         head,
         started,
     } = fill(pool, projection, twin, progress).await?;
     let name = projection.name();
     let live = projection.table();
     let mut tx = conn.begin().await?;
-    // Holding the checkpoint row stops the live consumer between pages.
+    // Holding the checkpoint rows stops the live consumer's partitions between pages.
     checkpoints::lock(&mut tx, name).await?;
+    let mut cursor = filled_to;
     loop {
         let page = event_log::read_page(&mut tx, cursor, PAGE).await?;
         let Some(last) = page.last() else { break };
         cursor = last.cursor();
-        events += page.len() as u64;
+        counted.count(&page);
         projection
             .apply(&mut tx, twin, &page)
             .await
@@ -140,8 +162,9 @@ async fn fill_and_swap(
     ] {
         sqlx::query(&sql).execute(&mut *tx).await?;
     }
-    checkpoints::reset(&mut tx, name, cursor, events).await?;
+    checkpoints::reset(&mut tx, name, cursor, &counted.by_partition).await?;
     tx.commit().await?;
+    let events = counted.events;
     progress(events, head.max(cursor.position));
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     tracing::info!(projection = name, events, seconds, "rebuilt");
@@ -163,7 +186,8 @@ async fn fill(
     let name = projection.name();
     let live = projection.table();
     let mut conn = pool.acquire().await?;
-    checkpoints::ensure(&mut conn, name).await?;
+    let partitions = event_log::partitions::current(&mut conn).await?;
+    checkpoints::ensure(&mut conn, name, "projection", partitions).await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS {twin}"))
         .execute(&mut *conn)
         .await?;
@@ -195,7 +219,11 @@ async fn fill(
     // Pages are read on a second connection while the previous one is applied.
     let mut reader = pool.acquire().await?;
     let mut cursor = Cursor::default();
-    let mut events = 0u64;
+    let mut counted = Counted {
+        events: 0,
+        by_partition: vec![0; partitions as usize],
+        partitions,
+    };
     let mut page = event_log::read_page(&mut reader, cursor, PAGE).await?;
     let mut reported = Instant::now();
     while let Some(last) = page.last() {
@@ -227,8 +255,8 @@ async fn fill(
         if report_progress {
             reported = Instant::now();
         }
-        events += page.len() as u64;
-        progress(events, head);
+        counted.count(&page);
+        progress(counted.events, head);
         page = next?;
     }
     drop(reader);
@@ -244,7 +272,7 @@ async fn fill(
     Ok(Filled {
         conn,
         cursor,
-        events,
+        counted,
         head,
         started,
     })
@@ -310,32 +338,61 @@ async fn fill_and_compare(
         mut conn,
         mut cursor,
         head,
+        counted: Counted { partitions, .. },
         ..
     } = fill(pool, projection, twin, &|_, _| {}).await?;
     let name = projection.name();
     let live = projection.table();
     let mut tx = conn.begin().await?;
-    // Stop the live consumer between pages, and read where it is.
-    let live_cursor = checkpoints::lock(&mut tx, name).await?.unwrap_or_default();
-    let behind = (live_cursor.transaction_id, live_cursor.position)
-        < (cursor.transaction_id, cursor.position);
+    // Stop the live consumer between pages, and read where each partition is.
+    let live_cursors = checkpoints::lock(&mut tx, name).await?;
+    // Behind when some partition has not applied an event of its own that the twin has.
+    let behind: bool = sqlx::query_scalar(&format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM checkpoints WHERE consumer = $1)
+             OR EXISTS (SELECT 1 FROM checkpoints c WHERE c.consumer = $1 AND EXISTS (
+                 SELECT 1 FROM events e
+                  WHERE (e.key_hash & {mask}) = c.partition
+                    AND (e.transaction_id, e.position) > (c.transaction_id, c.position)
+                    AND (e.transaction_id, e.position) <= ($2::text::xid8, $3)))",
+        mask = partitions - 1
+    ))
+    .bind(name)
+    .bind(cursor.transaction_id.to_string())
+    .bind(cursor.position)
+    .fetch_one(&mut *tx)
+    .await?;
     if behind {
+        let position = live_cursors
+            .iter()
+            .map(|(_, c)| c.position)
+            .min()
+            .unwrap_or_default();
         return Ok(Comparison::Behind {
-            position: live_cursor.position,
+            position,
             head: head.max(cursor.position),
         });
     }
-    // The live table may have gone further while the twin was filled: catch the twin up to it.
-    loop {
+    // The live partitions may have gone further while the twin was filled: catch the twin up
+    // to each of them, event by event.
+    let live_at = |partition: u32| {
+        live_cursors
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .map_or(Cursor::default(), |(_, c)| *c)
+    };
+    let furthest = live_cursors
+        .iter()
+        .map(|(_, c)| *c)
+        .max()
+        .unwrap_or_default();
+    while cursor < furthest {
         let page = event_log::read_page(&mut tx, cursor, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        cursor = last.cursor();
         let upto: Vec<_> = page
             .into_iter()
-            .filter(|e| {
-                (e.transaction_id, e.position) <= (live_cursor.transaction_id, live_cursor.position)
-            })
+            .filter(|e| e.cursor() <= live_at(e.partition(partitions)))
             .collect();
-        let Some(last) = upto.last() else { break };
-        cursor = last.cursor();
         projection
             .apply(&mut tx, twin, &upto)
             .await

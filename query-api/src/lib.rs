@@ -103,7 +103,12 @@ pub async fn reached(
         let (cursor, applied, head) =
             checkpoints::reached(&state.pool, projection, consistency.min_position).await?;
         if applied {
-            return Ok(cursor);
+            // Every event up to `min_position` is applied, so the read model has reached it
+            // even when its lowest partition's own last event is older.
+            let position = consistency
+                .min_position
+                .map_or(cursor.position, |p| p.max(cursor.position));
+            return Ok(Cursor { position, ..cursor });
         }
         if consistency.min_position.is_some_and(|p| p > head) {
             return Err(ApiError::Unavailable(format!(

@@ -307,6 +307,9 @@ impl TestApp {
         };
         loop {
             let mut tx = self.pool.begin().await.expect("begin");
+            event_store::locks::announce_writer(&mut tx)
+                .await
+                .expect("announce the writer");
             let mut work = UnitOfWork::new();
             match work
                 .execute::<A>(&mut tx, id, command.clone(), &metadata)
@@ -333,9 +336,11 @@ impl TestApp {
             let behind: i64 = sqlx::query_scalar(
                 "SELECT (SELECT count(*) FROM unnest($1::text[]) AS p(name)
                           WHERE NOT EXISTS (SELECT 1 FROM checkpoints c WHERE c.consumer = p.name))
-                      + (SELECT count(*) FROM checkpoints c WHERE c.consumer = ANY($1) AND EXISTS (
+                      + (SELECT count(*) FROM checkpoints c, log_partitions lp
+                          WHERE c.consumer = ANY($1) AND EXISTS (
                           SELECT 1 FROM events e
-                           WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)))
+                           WHERE (e.transaction_id, e.position) > (c.transaction_id, c.position)
+                             AND (e.key_hash & (lp.partitions - 1)) = c.partition))
                       + (SELECT count(*) FROM sagas WHERE due_at IS NOT NULL)",
             )
             .bind(&self.consumers)

@@ -46,6 +46,7 @@ pub enum Cmd {
         "  ORDERLINE_PAYMENT_GATEWAY  simulated | stripe [default: simulated]\n",
         "  ORDERLINE_STRIPE_BASE_URL, ORDERLINE_STRIPE_API_KEY  the Stripe-style API (with stripe)\n",
         "  ORDERLINE_AUTHORIZATION_DEADLINE_SECS  how long authorizing may take [default: 60]\n",
+        "  ORDERLINE_LOG_PARTITIONS  partitions of every log consumer, a power of two [default: 16]\n",
         "  ORDERLINE_KAFKA_BROKERS  Kafka for the relay [default: unset, relay off]\n",
         "  ORDERLINE_KAFKA_TOPIC_PREFIX [default: orderline], ORDERLINE_KAFKA_PARTITIONS [default: 6]\n",
         "  ORDERLINE_NOTIFY_SMTP_HOST, ORDERLINE_NOTIFY_SMTP_PORT, ORDERLINE_NOTIFY_FROM,\n",

@@ -100,6 +100,7 @@ pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> an
         .with_gateway(gateway)
         .with_saga_config(saga)
         .with_kafka(settings.kafka.clone())
+        .with_log_partitions(settings.log_partitions)
         .with_cors_origins(&settings.cors_origins);
     if parts.notifications {
         app = app.with_notifier(notifier(&settings));

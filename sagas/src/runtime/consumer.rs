@@ -56,6 +56,15 @@ impl Consumer for FulfillmentConsumer {
         CONSUMER_NAME
     }
 
+    fn kind(&self) -> &str {
+        "saga"
+    }
+
+    /// Its pages append the saga's commands' events (stock reservations, payments).
+    fn writes_events(&self) -> bool {
+        true
+    }
+
     /// An order placement costs the saga a dozen statements; 50 keep a page's transaction (and
     /// the stock locks it holds) to tens of milliseconds.
     fn max_batch(&self) -> Option<i64> {

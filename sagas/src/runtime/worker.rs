@@ -172,6 +172,8 @@ impl Worker {
             None => None,
         };
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        // Recording the answer may append events: announce before the saga row is locked.
+        locks::announce_writer(&mut tx).await?;
         let Some(mut saga) = store::lock(&mut tx, order_id).await? else {
             return Ok(());
         };

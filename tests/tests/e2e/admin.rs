@@ -59,13 +59,15 @@ async fn a_poison_event_parks_its_projection_with_the_error_visible() {
     app.register_product("A", 1, 1).await;
     app.caught_up().await;
     // An event no projection can fold: a restock of a SKU that was never registered.
+    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES ('inventory', 'GHOST', 1, 'Restocked', '1', '{\"Restocked\": {\"quantity\": 1, \"note\": null}}', '{}')",
     )
-    .execute(&app.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
     let mut parked = Value::Null;
     for _ in 0..200 {
         let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
@@ -138,7 +140,7 @@ async fn a_rebuild_equals_the_live_read_model_while_writes_continue() {
         // The rebuild is done when its lock is free again and its table swapped in.
         for _ in 0..500 {
             let running: bool = sqlx::query_scalar(
-                "SELECT rebuild_position IS NOT NULL OR to_regclass($1) IS NOT NULL FROM checkpoints WHERE consumer = $2",
+                "SELECT rebuild_position IS NOT NULL OR to_regclass($1) IS NOT NULL FROM consumers WHERE consumer = $2",
             )
             .bind(format!("{table}__rebuild"))
             .bind(name)
@@ -171,11 +173,13 @@ async fn a_rebuild_equals_the_live_read_model_while_writes_continue() {
         assert_eq!(app.dump(table, key).await, rebuilt, "{name}");
     }
     app.assert_read_models_match_log().await;
-    let applied: Vec<(String, i64)> =
-        sqlx::query_as("SELECT consumer, events_applied FROM checkpoints ORDER BY consumer")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
+    let applied: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT consumer, sum(events_applied)::bigint FROM checkpoints
+              GROUP BY consumer ORDER BY consumer",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&app.pool)
         .await
@@ -231,9 +235,9 @@ async fn metrics_expose_each_consumers_position_and_lag_for_prometheus() {
     let text = response.text().await.unwrap();
     for line in [
         "orderline_log_head_position 1",
-        "orderline_consumer_position{consumer=\"orders\"} 1",
-        "orderline_consumer_lag_events{consumer=\"inventory\"} 0",
-        "orderline_consumer_parked{consumer=\"fulfillment\"} 0",
+        "orderline_consumer_position{consumer=\"orders\",kind=\"projection\"} 1",
+        "orderline_consumer_lag_events{consumer=\"inventory\",kind=\"projection\"} 0",
+        "orderline_consumer_parked{consumer=\"fulfillment\",kind=\"saga\"} 0",
         "# TYPE orderline_consumer_events_applied_total counter",
     ] {
         assert!(
@@ -241,4 +245,41 @@ async fn metrics_expose_each_consumers_position_and_lag_for_prometheus() {
             "{line} missing from:\n{text}"
         );
     }
+    // Each of the 16 partitions of each consumer, with the process that holds it.
+    let partitions = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("orderline_partition_position{consumer=\"orders\",partition=\"")
+                && l.contains(",owner=\"")
+                && !l.contains(",owner=\"\"")
+        })
+        .count();
+    assert_eq!(partitions, 16, "{text}");
+    let view = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
+    let process = json_body(
+        app.client
+            .get(format!("{}/health/ready", app.address))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await["process"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap();
+    let orders = view["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["kind"], "projection");
+    let owned = orders["partitions"].as_array().unwrap();
+    assert_eq!(owned.len(), 16);
+    assert!(
+        owned
+            .iter()
+            .all(|p| p["owner"] == process.as_str() && p["fencing_token"].as_i64() > Some(0)),
+        "every partition is held by the one process /health/ready names: {view}"
+    );
 }

@@ -47,6 +47,7 @@ async fn blocks(app: &TestApp, sql: &str, types: &str, args: &str) -> i64 {
 async fn polling_and_admin_statements_stay_bounded_on_a_log_of_a_million_events() {
     // Only the API: the test sets the checkpoints itself instead of applying a million events.
     let app = TestApp::spawn_with(Parts::NONE).await;
+    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata)
@@ -55,22 +56,27 @@ async fn polling_and_admin_statements_stay_bounded_on_a_log_of_a_million_events(
            FROM generate_series(0, $1 - 1) AS g",
     )
     .bind(EVENTS)
-    .execute(&app.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
     sqlx::query("VACUUM ANALYZE events")
         .execute(&app.pool)
         .await
         .unwrap();
     // `orders` is caught up; `inventory` has applied nothing.
     sqlx::query(
-        "INSERT INTO checkpoints (consumer, transaction_id, position)
-         SELECT 'orders', transaction_id, position FROM events ORDER BY position DESC LIMIT 1",
+        "INSERT INTO checkpoints (consumer, partition, transaction_id, position)
+         SELECT 'orders', p, transaction_id, position
+           FROM (SELECT transaction_id, position FROM events ORDER BY position DESC LIMIT 1) AS head,
+                generate_series(0, 15) AS p",
     )
     .execute(&app.pool)
     .await
     .unwrap();
-    sqlx::query("INSERT INTO checkpoints (consumer) VALUES ('inventory')")
+    sqlx::query(
+        "INSERT INTO checkpoints (consumer, partition) SELECT 'inventory', p FROM generate_series(0, 15) AS p",
+    )
         .execute(&app.pool)
         .await
         .unwrap();
@@ -103,8 +109,33 @@ async fn polling_and_admin_statements_stay_bounded_on_a_log_of_a_million_events(
         "a poll from the start touched {from_start} blocks"
     );
 
-    let limit = event_log::checkpoints::EXACT_LAG_LIMIT.to_string();
-    let consumers = blocks(&app, event_log::checkpoints::PROGRESS_SQL, "bigint", &limit).await;
+    // A partition's page reads its own events only, from wherever its cursor is.
+    let page = event_log::reader::partition_page_sql(16, 3);
+    let caught_up = blocks(
+        &app,
+        &page,
+        "text, bigint, bigint",
+        &format!("'{head_tx}', {head}, 1000"),
+    )
+    .await;
+    assert!(
+        caught_up < 20,
+        "a caught-up partition page touched {caught_up} blocks"
+    );
+    let from_start = blocks(&app, &page, "text, bigint, bigint", "'0', 0, 1000").await;
+    assert!(
+        from_start < 1_200,
+        "a partition page of 1000 events from the start touched {from_start} blocks"
+    );
+
+    let limit = (event_log::checkpoints::EXACT_LAG_LIMIT / 16).to_string();
+    let consumers = blocks(
+        &app,
+        &event_log::checkpoints::progress_sql(16),
+        "bigint",
+        &limit,
+    )
+    .await;
     assert!(
         consumers < 1_000,
         "the consumers view touched {consumers} blocks"

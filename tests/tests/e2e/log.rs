@@ -14,7 +14,8 @@ use event_store::{EventStore, Metadata};
 use futures::future::join_all;
 use orderline::Parts;
 use proptest::prelude::*;
-use testkit::TestApp;
+use sqlx::Connection;
+use testkit::{json_body, TestApp};
 use uuid::Uuid;
 
 fn quantity(n: i64) -> Quantity {
@@ -34,11 +35,13 @@ async fn applied_once(app: &TestApp) {
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    let applied: Vec<(String, i64)> =
-        sqlx::query_as("SELECT consumer, events_applied FROM checkpoints ORDER BY consumer")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
+    let applied: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT consumer, sum(events_applied)::bigint FROM checkpoints
+              GROUP BY consumer ORDER BY consumer",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(applied.len(), 3);
     for (consumer, n) in applied {
         assert_eq!(n, events, "{consumer}");
@@ -60,6 +63,9 @@ async fn a_long_open_transaction_stalls_projections_and_never_makes_them_skip() 
         let mut after = loaded.aggregate.clone();
         events.iter().cloned().for_each(|e| after.apply_event(e));
         let mut slow = app.pool.begin().await.unwrap();
+        event_store::locks::announce_writer(&mut slow)
+            .await
+            .unwrap();
         let metadata = Metadata {
             correlation_id: Uuid::new_v4(),
             causation_id: Uuid::new_v4(),
@@ -399,7 +405,7 @@ proptest! {
 
 #[tokio::test]
 async fn a_lease_taken_over_fences_off_its_old_holder() {
-    use event_log::checkpoints::{self, Held};
+    use event_log::checkpoints::{self, Claim, Held};
     let app = TestApp::spawn_with(Parts {
         api: true,
         ..Parts::NONE
@@ -407,38 +413,58 @@ async fn a_lease_taken_over_fences_off_its_old_holder() {
     .await;
     let name = "fencing-test";
     let ttl = Duration::from_secs(60);
+    let partitions = 16;
     let mut conn = app.pool.acquire().await.unwrap();
-    checkpoints::ensure(&mut conn, name).await.unwrap();
-    let a = checkpoints::acquire(&mut conn, name, "a", ttl)
+    checkpoints::ensure(&mut conn, name, "test", partitions)
         .await
-        .unwrap()
-        .expect("a free lease is taken");
+        .unwrap();
+    let taken = checkpoints::acquire(&mut conn, name, "a", ttl, partitions, Claim::Free(1))
+        .await
+        .unwrap();
+    let [a] = taken[..] else {
+        panic!("one free partition is taken: {taken:?}")
+    };
+    assert_eq!(a.partition, 0, "the lowest free partition first");
+    let rest = checkpoints::acquire(&mut conn, name, "b", ttl, partitions, Claim::Free(16))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 15, "a running lease is not taken: {rest:?}");
+    assert!(rest.iter().all(|l| l.partition != 0));
     assert_eq!(
-        checkpoints::acquire(&mut conn, name, "b", ttl)
+        checkpoints::renew(&mut conn, name, &[a], ttl)
             .await
             .unwrap(),
-        None,
-        "a running lease is not taken"
+        [a]
     );
-    assert!(checkpoints::renew(&mut conn, name, a, ttl).await.unwrap());
 
     // `a` freezes: its lease runs out, and `b` takes it with a higher token.
     sqlx::query(
-        "UPDATE checkpoints SET lease_until = now() - interval '1 second' WHERE consumer = $1",
+        "UPDATE checkpoints SET lease_until = now() - interval '1 second'
+          WHERE consumer = $1 AND partition = 0",
     )
     .bind(name)
     .execute(&mut *conn)
     .await
     .unwrap();
-    let b = checkpoints::acquire(&mut conn, name, "b", ttl)
+    assert_eq!(
+        checkpoints::acquire(&mut conn, name, "c", ttl, partitions, Claim::Free(16))
+            .await
+            .unwrap(),
+        [],
+        "an expired lease is not free"
+    );
+    let taken = checkpoints::acquire(&mut conn, name, "b", ttl, partitions, Claim::Expired)
         .await
-        .unwrap()
-        .expect("an expired lease is taken");
+        .unwrap();
+    let [b] = taken[..] else {
+        panic!("the expired partition is taken: {taken:?}")
+    };
+    assert_eq!(b.partition, 0);
     assert!(b.token > a.token);
 
     // `a` wakes with a page in hand: it can neither commit it nor renew.
     let mut stale = app.pool.begin().await.unwrap();
-    let (at, _) = checkpoints::read(&mut stale, name).await.unwrap();
+    let (at, _) = checkpoints::read(&mut stale, name, 0).await.unwrap();
     assert_eq!(
         checkpoints::lock_if_at(&mut stale, name, at, a)
             .await
@@ -446,8 +472,13 @@ async fn a_lease_taken_over_fences_off_its_old_holder() {
         Held::Fenced
     );
     stale.rollback().await.unwrap();
-    assert!(!checkpoints::renew(&mut conn, name, a, ttl).await.unwrap());
-    checkpoints::release(&mut conn, name, a).await.unwrap();
+    assert_eq!(
+        checkpoints::renew(&mut conn, name, &[a], ttl)
+            .await
+            .unwrap(),
+        []
+    );
+    checkpoints::release(&mut conn, name, &[a]).await.unwrap();
     let mut fresh = app.pool.begin().await.unwrap();
     assert_eq!(
         checkpoints::lock_if_at(&mut fresh, name, at, b)
@@ -459,10 +490,62 @@ async fn a_lease_taken_over_fences_off_its_old_holder() {
     fresh.rollback().await.unwrap();
 
     // A released lease is taken at once, again with a higher token.
-    checkpoints::release(&mut conn, name, b).await.unwrap();
-    let c = checkpoints::acquire(&mut conn, name, "c", ttl)
+    checkpoints::release(&mut conn, name, &[b]).await.unwrap();
+    assert_eq!(
+        checkpoints::acquire(&mut conn, name, "c", ttl, 32, Claim::Free(16))
+            .await
+            .unwrap(),
+        [],
+        "a process with another partition count takes nothing"
+    );
+    let taken = checkpoints::acquire(&mut conn, name, "c", ttl, partitions, Claim::Free(16))
         .await
-        .unwrap()
-        .expect("a released lease is taken");
+        .unwrap();
+    let [c] = taken[..] else {
+        panic!("the released partition is taken: {taken:?}")
+    };
     assert!(c.token > b.token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transactions_that_never_write_events_do_not_hold_consumers_back() {
+    let app = TestApp::spawn_without_sagas().await;
+    app.register_product("A", 1, 5).await;
+    app.caught_up().await;
+    // An idle transaction with an id in another database of the same server, and one in this
+    // database that writes something else: neither can ever append events.
+    let mut elsewhere = sqlx::PgConnection::connect(&testkit::database::server_url())
+        .await
+        .unwrap();
+    let mut idle = elsewhere.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *idle)
+        .await
+        .unwrap();
+    let mut here = app.pool.begin().await.unwrap();
+    sqlx::query("CREATE TEMP TABLE scratch (x int)")
+        .execute(&mut *here)
+        .await
+        .unwrap();
+    let held: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&mut *here)
+        .await
+        .unwrap();
+    for n in 0..5 {
+        app.register_product(&format!("B{n}"), 1, 5).await;
+    }
+    // Every consumer applies what was written after them, while both stay open.
+    app.caught_up().await;
+    let passed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM checkpoints WHERE transaction_id::text::bigint > $1",
+    )
+    .bind(held)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(passed > 0, "no consumer went past the idle transactions");
+    let products = json_body(app.get("/api/v1/products", &app.admin()).await).await;
+    assert_eq!(products["items"].as_array().map(Vec::len), Some(6));
+    here.rollback().await.unwrap();
+    idle.rollback().await.unwrap();
 }

@@ -26,7 +26,9 @@ async fn restock(store: &EventStore, sku: &str, n: i64) {
     let events = loaded.aggregate.decide(command).unwrap();
     let mut after = loaded.aggregate.clone();
     events.iter().cloned().for_each(|e| after.apply_event(e));
-    let mut tx = store.pool().begin().await.unwrap();
+    let mut tx = event_store::locks::begin_writer(store.pool())
+        .await
+        .unwrap();
     EventStore::append(&mut tx, sku, &loaded, &after, &events, &metadata())
         .await
         .unwrap();
@@ -69,7 +71,7 @@ async fn appending_after_a_stale_load_is_a_conflict() {
         delta: 1,
         reason: Reason::parse("count").unwrap(),
     };
-    let mut tx = app.pool.begin().await.unwrap();
+    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
     let result = EventStore::append(
         &mut tx,
         "S",
@@ -83,7 +85,7 @@ async fn appending_after_a_stale_load_is_a_conflict() {
 }
 
 #[tokio::test]
-async fn postgres_es_can_still_write_and_read_the_extended_table() {
+async fn a_writer_that_did_not_announce_itself_is_refused_and_postgres_es_still_reads() {
     let app = TestApp::spawn().await;
     let repository = PostgresEventRepository::new(app.pool.clone());
     let event = ProductEvent::Restocked {
@@ -100,20 +102,30 @@ async fn postgres_es_can_still_write_and_read_the_extended_table() {
         serde_json::to_value(&event).unwrap(),
         serde_json::json!({}),
     );
-    repository
-        .persist::<Product>(&[serialized], None)
+    // postgres-es opens its own transaction and cannot take the writer lock: readers of the
+    // log could pass over such a transaction, so the table refuses its insert.
+    let refused = repository.persist::<Product>(&[serialized], None).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("writer lock")),
+        "{refused:?}"
+    );
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    sqlx::query("CREATE TEMP TABLE has_an_id (x int)")
+        .execute(&mut *tx)
         .await
         .unwrap();
-    let (event_id, position): (Option<Uuid>, Option<i64>) = sqlx::query_as(
-        "SELECT event_id, position FROM events WHERE aggregate_id = 'S' AND sequence = 2",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert!(event_id.is_some() && position.is_some());
-    let loaded = EventStore::new(app.pool.clone())
-        .load::<Product>("S")
-        .await
-        .unwrap();
-    assert_eq!(loaded.aggregate.on_hand(), 3);
+    let late = event_store::locks::announce_writer(&mut tx).await;
+    assert!(
+        late.as_ref()
+            .is_err_and(|e| e.to_string().contains("too late")),
+        "announcing after the first write is refused: {late:?}"
+    );
+    tx.rollback().await.unwrap();
+    // Reading through postgres-es still works on the extended table.
+    let events = repository.get_events::<Product>("S").await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event_type, "ProductRegistered");
 }

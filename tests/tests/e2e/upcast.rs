@@ -39,6 +39,7 @@ async fn store_old_event(
         metadata: &metadata,
     }
     .hash(previous.as_deref());
+    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata, event_id, hash)
@@ -51,9 +52,10 @@ async fn store_old_event(
     .bind(&metadata)
     .bind(event_id)
     .bind(hash)
-    .execute(&app.pool)
+    .execute(&mut *tx)
     .await
     .unwrap();
+    tx.commit().await.unwrap();
 }
 
 #[tokio::test]
