@@ -587,8 +587,8 @@ pub struct PartitionProgress {
 
 /// The statement behind [`progress`] for a log of `partitions` partitions, one row per
 /// partition (`$1` the exact limit per partition, [`EXACT_LAG_LIMIT`] over `partitions`): each
-/// subquery walks the partition's index from its checkpoint and stops after `$1` events, so the cost is bounded whatever the log's size; a partition
-/// further behind reports `max(position) - its position` (an upper bound). Public so that tests
+/// subquery walks the partition's index from its checkpoint and stops after `$1` events, so
+/// the cost is bounded whatever the log's size; a partition further behind reports `max(position) - its position` (an upper bound). Public so that tests
 /// can check its plan on a large log.
 pub fn progress_sql(partitions: u32) -> String {
     let mask = partitions.max(1) - 1;

@@ -326,6 +326,29 @@ impl TestApp {
         }
     }
 
+    /// Asserts that every consumer with checkpoints here (`consumers` of them) applied every
+    /// event of the log exactly once, summed over its partitions.
+    ///
+    /// # Panics
+    /// When one did not, or the count of consumers differs.
+    pub async fn assert_applied_once(&self, consumers: usize) {
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count the log");
+        let applied: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT consumer, sum(events_applied)::bigint FROM checkpoints
+              GROUP BY consumer ORDER BY consumer",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("read the checkpoints");
+        assert_eq!(applied.len(), consumers, "{applied:?}");
+        for (consumer, n) in applied {
+            assert_eq!(n, events, "{consumer} applied every event exactly once");
+        }
+    }
+
     /// Waits (up to 30 s) until every projection (and the saga, when it runs) has applied every
     /// event in the log and no saga waits on a gateway call: the log is quiet.
     ///

@@ -31,21 +31,7 @@ fn restock(n: i64) -> ProductCommand {
 
 /// Every consumer applied every event exactly once.
 async fn applied_once(app: &TestApp) {
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    let applied: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT consumer, sum(events_applied)::bigint FROM checkpoints
-              GROUP BY consumer ORDER BY consumer",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(applied.len(), 3);
-    for (consumer, n) in applied {
-        assert_eq!(n, events, "{consumer}");
-    }
+    app.assert_applied_once(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
