@@ -524,7 +524,8 @@ pub struct Progress {
     pub name: String,
     /// What it is: `projection`, `saga`, `relay`, `notifications`, ...
     pub kind: String,
-    /// Position of the last event applied by its partition furthest behind in the log.
+    /// The lowest of its partitions' positions (the position of each one's last event applied
+    /// or passed); `X-Orderline-Position` uses the lowest cursor in log order instead.
     pub position: i64,
     /// Events in the log it has not applied yet, over all partitions (exact up to
     /// [`EXACT_LAG_LIMIT`] per partition, an upper bound beyond).
