@@ -1,15 +1,18 @@
 //! The operators' routes (`../shared/API.md`, section Admin and tooling), admin role only
 //! except `/metrics`: the global log ([`log`]), each consumer's progress and projection rebuilds
 //! ([`consumers`]), an aggregate as it was ([`streams`]), the fulfillment sagas ([`sagas`]),
-//! the notifications queue ([`notifications`]) and Prometheus metrics ([`metrics`]).
+//! the notifications queue ([`notifications`]), keys parked on a poison event ([`parked`]) and
+//! Prometheus metrics ([`metrics`]).
 //!
 //! Every write here is an operator's action on a background process (retry a saga, retry a
-//! notification, rebuild a projection); each goes through the crate that owns the table.
+//! notification, rebuild a projection, retry or skip a parked key); each goes through the
+//! crate that owns the table.
 
 pub mod consumers;
 pub mod log;
 pub mod metrics;
 pub mod notifications;
+pub mod parked;
 pub mod sagas;
 pub mod streams;
 
@@ -52,6 +55,15 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/api/v1/admin/notifications/{event_id}/retry",
             post(notifications::retry),
+        )
+        .route("/api/v1/admin/parked", get(parked::list))
+        .route(
+            "/api/v1/admin/parked/{consumer}/{key}/retry",
+            post(parked::retry),
+        )
+        .route(
+            "/api/v1/admin/parked/{consumer}/{key}/skip",
+            post(parked::skip),
         )
         .route("/api/v1/admin/sagas", get(sagas::list))
         .route("/api/v1/admin/sagas/{order_id}", get(sagas::one))

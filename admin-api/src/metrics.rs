@@ -109,8 +109,14 @@ pub async fn metrics(State(state): State<AdminState>) -> Result<impl IntoRespons
     family(
         "orderline_consumer_parked",
         "gauge",
-        "1 while a consumer is parked on a poison event.",
+        "1 while a consumer has a key parked on a poison event.",
         by_consumer(&|c| u8::from(c.state == "parked").to_string()),
+    );
+    family(
+        "orderline_consumer_parked_keys",
+        "gauge",
+        "Keys a consumer parked on a poison event (their later events wait; GET /api/v1/admin/parked).",
+        by_consumer(&|c| c.parked_keys.to_string()),
     );
     family(
         "orderline_sagas",

@@ -1,15 +1,17 @@
 //! The orderline domain: pure, synchronous decisions with no I/O.
 //!
-//! Three kinds of aggregate, each a [`cqrs_es::Aggregate`]:
+//! Four kinds of aggregate, each a [`cqrs_es::Aggregate`]:
 //! - [`inventory::Product`]: one per SKU, holding the catalog entry and the stock;
 //! - [`order::Order`]: one per order, holding its lines and lifecycle;
-//! - [`payment::Payment`]: one per order, holding the money movements.
+//! - [`payment::Payment`]: one per order, holding the money movements;
+//! - [`operations::LogConsumer`]: one per log consumer, holding operators' actions on it.
 //!
 //! Each aggregate decides with a plain `decide(&self, command) -> Result<Vec<Event>, Error>`;
 //! the cqrs-es `handle` only forwards to it. Facts from outside (prices from the catalog, the
 //! customer from the token) arrive inside the command, never through I/O.
 
 pub mod inventory;
+pub mod operations;
 pub mod order;
 pub mod payment;
 pub mod values;

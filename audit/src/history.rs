@@ -9,6 +9,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use aggregates::inventory::Product;
+use aggregates::operations::LogConsumer;
 use aggregates::order::Order;
 use aggregates::payment::Payment;
 
@@ -77,6 +78,7 @@ pub async fn state_at(
         "order" => fold::<Order>(pool, id, at).await,
         "inventory" => fold::<Product>(pool, id, at).await,
         "payment" => fold::<Payment>(pool, id, at).await,
+        "consumer" => fold::<LogConsumer>(pool, id, at).await,
         other => Err(HistoryError::UnknownType(other.to_owned())),
     }
 }

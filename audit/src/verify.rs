@@ -18,6 +18,7 @@ use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
 
 use aggregates::inventory::ProductEvent;
+use aggregates::operations::ConsumerEvent;
 use aggregates::order::OrderEvent;
 use aggregates::payment::PaymentEvent;
 
@@ -146,6 +147,7 @@ fn check(row: &Row, expected: i64, previous: Option<&[u8]>) -> Option<String> {
         "order" => replay::decode::<OrderEvent>(t, v, version, payload).map(drop),
         "inventory" => replay::decode::<ProductEvent>(t, v, version, payload).map(drop),
         "payment" => replay::decode::<PaymentEvent>(t, v, version, payload).map(drop),
+        "consumer" => replay::decode::<ConsumerEvent>(t, v, version, payload).map(drop),
         other => return Some(format!("unknown aggregate type {other:?}")),
     };
     if let Err(e) = decoded {

@@ -1,6 +1,6 @@
 //! The `checkpoints` table, one row per log consumer: where it is in the log, who holds its
-//! lease (owner, expiry, fencing token), whether it is parked, its last error, and a rebuild's
-//! progress. This module is the table's only owner:
+//! lease (owner, expiry, fencing token), the version of its parked keys, its last error; and per
+//! consumer its kind and a rebuild's progress (`consumers`). This module is the table's only owner:
 //! the runner, the rebuilds, the read-your-writes wait and the admin view all come here.
 //!
 //! A checkpoint moves only in the transaction that applies the events before it (see
@@ -57,8 +57,8 @@ pub async fn ensure(
     Ok(())
 }
 
-/// Where one partition of `consumer` is and whether it is parked. The row must exist
-/// ([`ensure`]).
+/// Where one partition of `consumer` is, and the version of its set of parked keys
+/// ([`crate::parked`]). The row must exist ([`ensure`]).
 ///
 /// # Errors
 /// The database error, if any.
@@ -66,16 +66,16 @@ pub async fn read(
     conn: &mut PgConnection,
     consumer: &str,
     partition: u32,
-) -> sqlx::Result<(Cursor, bool)> {
-    let (transaction_id, position, state): (i64, i64, String) = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, position, state FROM checkpoints
+) -> sqlx::Result<(Cursor, i64)> {
+    let (transaction_id, position, parked_version): (i64, i64, i64) = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position, parked_version FROM checkpoints
           WHERE consumer = $1 AND partition = $2",
     )
     .bind(consumer)
     .bind(partition_param(partition))
     .fetch_one(conn)
     .await?;
-    Ok((cursor((transaction_id, position)), state == "parked"))
+    Ok((cursor((transaction_id, position)), parked_version))
 }
 
 fn partition_param(partition: u32) -> i32 {
@@ -234,16 +234,18 @@ pub async fn release(
 pub enum Held {
     /// The row is locked for this transaction, at the expected cursor, under this lease.
     Ours,
-    /// Another page moved the checkpoint meanwhile: throw the page away and read again.
+    /// Another page moved the checkpoint, or the partition's parked keys changed, meanwhile:
+    /// throw the page away and read again.
     Moved,
     /// The lease was taken over (fenced off): commit nothing and stop.
     Fenced,
 }
 
 /// Locks the row of `lease`'s partition of `consumer` for the rest of the transaction if
-/// `lease` still holds it and it is still at `at`. The fencing check and the row lock are one
-/// statement, and a takeover must lock the row too, so a lease cannot move between this check
-/// and the commit.
+/// `lease` still holds it, it is still at `at`, and its parked keys are still at
+/// `parked_version` (the page was filtered with them). The fencing check and the row lock are
+/// one statement, and a takeover must lock the row too, so a lease cannot move between this
+/// check and the commit.
 ///
 /// # Errors
 /// The database error, if any.
@@ -252,9 +254,11 @@ pub async fn lock_if_at(
     consumer: &str,
     at: Cursor,
     lease: Lease,
+    parked_version: i64,
 ) -> sqlx::Result<Held> {
-    let row: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, position, fencing_token FROM checkpoints
+    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position, fencing_token, parked_version
+           FROM checkpoints
           WHERE consumer = $1 AND partition = $2 FOR UPDATE",
     )
     .bind(consumer)
@@ -262,8 +266,10 @@ pub async fn lock_if_at(
     .fetch_optional(conn)
     .await?;
     Ok(match row {
-        Some((_, _, token)) if token != lease.token => Held::Fenced,
-        Some((transaction_id, position, _)) if cursor((transaction_id, position)) == at => {
+        Some((_, _, token, _)) if token != lease.token => Held::Fenced,
+        Some((transaction_id, position, _, version))
+            if cursor((transaction_id, position)) == at && version == parked_version =>
+        {
             Held::Ours
         }
         Some(_) => Held::Moved,
@@ -325,8 +331,10 @@ pub async fn advance(
     Ok(())
 }
 
-/// Puts every partition of a rebuilt projection's consumer at `at`, running and without error,
-/// with `events[p]` events applied by partition `p`: the swap of a rebuild, in its transaction.
+/// Puts every partition of a rebuilt projection's consumer at `at`, without error, with
+/// `events[p]` events applied by partition `p`: the swap of a rebuild, in its transaction
+/// (which also frees the consumer's parked keys: the rebuild applied their events). Bumps
+/// every partition's `parked_version`, so no page filtered with the old parked keys commits.
 ///
 /// # Errors
 /// The database error, if any.
@@ -344,7 +352,7 @@ pub async fn reset(
         "UPDATE checkpoints
             SET transaction_id = $2::text::xid8, position = $3,
                 events_applied = coalesce(($4::int8[])[partition + 1], 0),
-                state = 'running', last_error = NULL, parked_position = NULL, updated_at = now()
+                last_error = NULL, parked_version = parked_version + 1, updated_at = now()
           WHERE consumer = $1",
     )
     .bind(consumer)
@@ -373,17 +381,25 @@ pub async fn set_rebuild_position(
     Ok(())
 }
 
-/// Gives a parked partition another try (its new holder does this on taking the lease).
+/// Counts `applied` more events applied by one partition of `consumer` without moving it
+/// (a parked key's held events, applied on an operator's retry), in their transaction.
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn unpark(conn: &mut PgConnection, consumer: &str, partition: u32) -> sqlx::Result<()> {
+pub async fn count_applied(
+    conn: &mut PgConnection,
+    consumer: &str,
+    partition: u32,
+    applied: usize,
+) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE checkpoints SET state = 'running', parked_position = NULL, updated_at = now()
-          WHERE consumer = $1 AND partition = $2 AND state = 'parked'",
+        "UPDATE checkpoints SET events_applied = events_applied + $3, last_error = NULL,
+                updated_at = now()
+          WHERE consumer = $1 AND partition = $2",
     )
     .bind(consumer)
     .bind(partition_param(partition))
+    .bind(i64::try_from(applied).unwrap_or(i64::MAX))
     .execute(conn)
     .await?;
     Ok(())
@@ -406,32 +422,6 @@ pub async fn note_error(
     .bind(consumer)
     .bind(partition_param(partition))
     .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Parks one partition of `consumer` on the event at `position` with `error`: it applies
-/// nothing until its next holder unparks it.
-///
-/// # Errors
-/// The database error, if any.
-pub async fn park(
-    pool: &PgPool,
-    consumer: &str,
-    partition: u32,
-    error: &str,
-    position: Option<i64>,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE checkpoints SET state = 'parked', last_error = $3, last_error_at = now(),
-                parked_position = $4, updated_at = now()
-          WHERE consumer = $1 AND partition = $2",
-    )
-    .bind(consumer)
-    .bind(partition_param(partition))
-    .bind(error)
-    .bind(position)
     .execute(pool)
     .await?;
     Ok(())
@@ -532,15 +522,18 @@ pub struct Progress {
     pub lag: i64,
     /// Age of the oldest event not applied yet, in seconds (0 when caught up).
     pub lag_seconds: f64,
-    /// `parked` when a partition is, else `running`.
+    /// `parked` while it has parked keys (`GET /api/v1/admin/parked` lists them), else
+    /// `running`.
     pub state: String,
+    /// Keys parked on a poison event; their later events wait, every other key flows.
+    pub parked_keys: i64,
     /// Events applied since the consumer began (or since its last rebuild).
     pub events_applied: i64,
     /// The last error of a page of any partition, until a page of that partition succeeds.
     pub last_error: Option<String>,
     /// When that error happened.
     pub last_error_at: Option<DateTime<Utc>>,
-    /// While a partition is parked: the position of the event it is parked on.
+    /// While keys are parked: the lowest position of an event they are parked on.
     pub parked_position: Option<i64>,
     /// While a rebuild runs: the position it has reached.
     pub rebuild_position: Option<i64>,
@@ -574,15 +567,15 @@ pub struct PartitionProgress {
     pub lag: i64,
     /// Age of its oldest event not applied yet, in seconds.
     pub lag_seconds: f64,
-    /// `running` or `parked`.
-    pub state: String,
+    /// Its keys parked on a poison event.
+    pub parked_keys: i64,
     /// Events it applied.
     pub events_applied: i64,
     /// Its last error, until a page succeeds.
     pub last_error: Option<String>,
     /// When that error happened.
     pub last_error_at: Option<DateTime<Utc>>,
-    /// While parked: the position of the event it is parked on.
+    /// While keys are parked: the lowest position of an event they are parked on.
     pub parked_position: Option<i64>,
 }
 
@@ -595,8 +588,8 @@ pub fn progress_sql(partitions: u32) -> String {
     let mask = partitions.max(1) - 1;
     format!(
         "SELECT c.consumer, k.kind, k.rebuild_position, c.partition, c.owner, c.fencing_token,
-            c.lease_until, c.position, c.state, c.events_applied, c.last_error, c.last_error_at,
-            c.parked_position,
+            c.lease_until, c.position, c.events_applied, c.last_error, c.last_error_at,
+            parked.n AS parked_keys, parked.low AS parked_position,
             CASE WHEN behind.n > $1
                  THEN greatest((SELECT max(position) FROM events) - c.position, behind.n)
                  ELSE behind.n END AS lag,
@@ -613,6 +606,9 @@ pub fn progress_sql(partitions: u32) -> String {
                  WHERE {within}
                    AND (e.transaction_id, e.position) > (c.transaction_id, c.position)
                  ORDER BY {order} LIMIT $1 + 1) AS page) AS behind
+       CROSS JOIN LATERAL (
+            SELECT count(*) AS n, min(pk.position) AS low FROM parked_keys pk
+             WHERE pk.consumer = c.consumer AND (pk.key_hash & {mask}) = c.partition) AS parked
       WHERE c.partition < {partitions}
       ORDER BY c.consumer, c.partition",
         within = crate::reader::in_partition("e", mask, "c.partition"),
@@ -645,6 +641,7 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
                 lag: 0,
                 lag_seconds: 0.0,
                 state: "running".into(),
+                parked_keys: 0,
                 events_applied: 0,
                 last_error: None,
                 last_error_at: None,
@@ -660,8 +657,9 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
         consumer.lag += row.lag;
         consumer.lag_seconds = consumer.lag_seconds.max(row.lag_seconds);
         consumer.events_applied += row.events_applied;
-        if row.state == "parked" {
+        if row.parked_keys > 0 {
             consumer.state = "parked".into();
+            consumer.parked_keys += row.parked_keys;
             consumer.parked_position = match (consumer.parked_position, row.parked_position) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

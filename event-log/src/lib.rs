@@ -4,6 +4,8 @@
 //!   `(transaction_id, position)` cursor read below the oldest running transaction; ADR 2).
 //! - [`checkpoints`]: the owner of the `checkpoints` table. Every statement on it lives there:
 //!   the runner's, the rebuild's, the read-your-writes wait and the admin view.
+//! - [`parked`]: the owner of `parked_keys`, the keys parked on a poison event, and the
+//!   operators' retries and skips.
 //! - [`partitions`]: how many partitions the log has, and splitting them (ADR 11).
 //! - [`processes`]: the live processes that share the partitions.
 //! - [`subscription`]: the checkpointed consumer runner (a lease and a worker per partition,
@@ -12,12 +14,13 @@
 
 pub mod checkpoints;
 pub mod crash;
+pub mod parked;
 pub mod partitions;
 pub mod processes;
 pub mod reader;
 pub mod subscription;
 
 pub use reader::{
-    has_events_after, head_position, partition_of, read_page, read_partition, Cursor, LogEvent,
-    HAS_EVENTS_AFTER_SQL, HORIZON_SQL, LOG_EVENT_COLUMNS, NOTIFY_CHANNEL,
+    head_position, partition_of, read_page, read_partition, Cursor, LogEvent, HORIZON_SQL,
+    LOG_EVENT_COLUMNS, NOTIFY_CHANNEL,
 };

@@ -98,10 +98,10 @@ pub async fn ensure(pool: &PgPool, wanted: u32) -> Result<u32, PartitionError> {
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO checkpoints (consumer, partition, transaction_id, position, state,
-                                  last_error, last_error_at, parked_position, fencing_token)
-         SELECT c.consumer, c.partition + k * $1, c.transaction_id, c.position, c.state,
-                c.last_error, c.last_error_at, c.parked_position, c.fencing_token
+        "INSERT INTO checkpoints (consumer, partition, transaction_id, position, last_error,
+                                  last_error_at, parked_version, fencing_token)
+         SELECT c.consumer, c.partition + k * $1, c.transaction_id, c.position, c.last_error,
+                c.last_error_at, c.parked_version, c.fencing_token
            FROM checkpoints c CROSS JOIN generate_series(1, $2 / $1 - 1) AS k
           WHERE c.partition < $1
          ON CONFLICT (consumer, partition) DO NOTHING",

@@ -285,6 +285,50 @@ pub async fn read_partition(
         .await
 }
 
+/// Reads up to `limit` events of one key (an aggregate id) of one partition (of `partitions`),
+/// in log order, from `from` (the event at `from` itself too when `inclusive`) up to and
+/// including `upto`: the events a parked key holds back (see [`crate::parked`]). They are all
+/// at or below a checkpoint, so no horizon is needed. It walks the partition's index from
+/// `from`, which only an operator's retry does.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn read_key(
+    conn: &mut PgConnection,
+    partitions: u32,
+    key: &str,
+    from: Cursor,
+    inclusive: bool,
+    upto: Cursor,
+    limit: i64,
+) -> sqlx::Result<Vec<LogEvent>> {
+    let mask = partitions.max(1) - 1;
+    let sql = format!(
+        "SELECT {LOG_EVENT_COLUMNS}
+           FROM events
+          WHERE {}
+            AND events.key_hash = hashtext($1) AND events.aggregate_id = $1
+            AND (events.transaction_id, events.position) {} ($2::text::xid8, $3)
+            AND (events.transaction_id, events.position) <= ($4::text::xid8, $5)
+          ORDER BY {}
+          LIMIT $6",
+        in_partition("events", mask, &format!("(hashtext($1) & {mask})")),
+        if inclusive { ">=" } else { ">" },
+        PARTITION_ORDER
+            .replace("{t}", "events")
+            .replace("{mask}", &mask.to_string()),
+    );
+    sqlx::query_as(&sql)
+        .bind(key)
+        .bind(from.transaction_id.to_string())
+        .bind(from.position)
+        .bind(upto.transaction_id.to_string())
+        .bind(upto.position)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
+}
+
 /// What lies after a partition's cursor when [`read_partition`] found nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tail {
@@ -301,6 +345,35 @@ pub enum Tail {
     HeldBack,
 }
 
+/// The statement behind [`partition_tail`] (`$1` the cursor's transaction id as text, `$2` its
+/// position): what every caught-up worker asks on every poll, so it must cost the same on a
+/// log of a million events as on an empty one. Both scalar subqueries' `ORDER BY ... LIMIT 1`
+/// walk an index (an `EXISTS` would drop them and let the prepared statement's generic plan
+/// scan the table): the partition's forward from the cursor, and the global order's backward
+/// from the horizon to the newest event, compared with the cursor only then. A backward scan
+/// bounded below by the row comparison `(transaction_id, position) > cursor` stops only at
+/// the first column, so it would walk every event of the cursor's transaction: a whole
+/// import, on every poll. Public so that tests can check its plan on a large log.
+pub fn partition_tail_sql(partitions: u32, partition: u32) -> String {
+    let mask = partitions.max(1) - 1;
+    format!(
+        "WITH h AS MATERIALIZED (SELECT {HORIZON_SQL} AS horizon)
+         SELECT (SELECT CASE WHEN (n.transaction_id, n.position) > ($1::text::xid8, $2)
+                             THEN ARRAY[n.transaction_id::text::bigint, n.position] END
+                   FROM (SELECT e.transaction_id, e.position FROM events e
+                          WHERE e.transaction_id < (SELECT horizon FROM h)
+                          ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1) AS n),
+                (SELECT e.transaction_id < h.horizon FROM events e, h
+                  WHERE {}
+                    AND (e.transaction_id, e.position) > ($1::text::xid8, $2)
+                  ORDER BY {} LIMIT 1)",
+        in_partition("e", mask, &partition.to_string()),
+        PARTITION_ORDER
+            .replace("{t}", "e")
+            .replace("{mask}", &mask.to_string()),
+    )
+}
+
 /// Looks past an idle partition's cursor (see [`Tail`]).
 ///
 /// # Errors
@@ -311,22 +384,7 @@ pub async fn partition_tail(
     partition: u32,
     after: Cursor,
 ) -> sqlx::Result<Tail> {
-    let mask = partitions - 1;
-    let sql = format!(
-        "WITH h AS MATERIALIZED (SELECT {HORIZON_SQL} AS horizon)
-         SELECT (SELECT ARRAY[e.transaction_id::text::bigint, e.position] FROM events e, h
-                  WHERE e.transaction_id < h.horizon
-                    AND (e.transaction_id, e.position) > ($1::text::xid8, $2)
-                  ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1),
-                (SELECT e.transaction_id < h.horizon FROM events e, h
-                  WHERE {}
-                    AND (e.transaction_id, e.position) > ($1::text::xid8, $2)
-                  ORDER BY {} LIMIT 1)",
-        in_partition("e", mask, &partition.to_string()),
-        PARTITION_ORDER
-            .replace("{t}", "e")
-            .replace("{mask}", &mask.to_string()),
-    );
+    let sql = partition_tail_sql(partitions, partition);
     let (passed, next_readable): (Option<Vec<i64>>, Option<bool>) = sqlx::query_as(&sql)
         .bind(after.transaction_id.to_string())
         .bind(after.position)
@@ -418,32 +476,6 @@ pub async fn read_page(
         .fetch_all(conn)
         .await
 }
-
-/// Whether any event of the whole log, readable yet or not, lies after `cursor`. When [`read_page`] comes back
-/// empty this tells "nothing new" from "held back by an open transaction".
-///
-/// Every caught-up consumer asks this on every poll, so it must cost the same on a log of a
-/// million events as on an empty one: the scalar subquery's `ORDER BY ... LIMIT 1` makes
-/// Postgres walk the `events_global_order` index from the cursor. An `EXISTS` (which drops
-/// `ORDER BY` and `LIMIT`) lets the generic plan of the prepared statement be a sequential
-/// scan (it expects a third of the rows to match and to stop at the first), which reads the
-/// whole table whenever nothing matches, i.e. always, once caught up.
-///
-/// # Errors
-/// The database error, if any.
-pub async fn has_events_after(conn: &mut PgConnection, cursor: Cursor) -> sqlx::Result<bool> {
-    sqlx::query_scalar(HAS_EVENTS_AFTER_SQL)
-        .bind(cursor.transaction_id.to_string())
-        .bind(cursor.position)
-        .fetch_one(conn)
-        .await
-}
-
-/// The statement behind [`has_events_after`] (`$1` the cursor's transaction id as text, `$2` its
-/// position), public so that tests can check its plan on a large log.
-pub const HAS_EVENTS_AFTER_SQL: &str = "SELECT (
-    SELECT true FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)
-     ORDER BY transaction_id, position LIMIT 1) IS NOT NULL";
 
 /// The highest position allocated so far (0 for an empty log): the head that lag is measured
 /// against.

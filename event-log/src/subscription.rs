@@ -16,9 +16,10 @@
 //!   there (a worker that woke after a takeover commits nothing), applies the page and advances
 //!   the checkpoint, all in one transaction;
 //! - on failure a worker retries with exponential back-off, narrowing to one event at a time;
-//!   an event that keeps failing parks the partition (state `parked`, error and position in its
-//!   row, visible in the admin API) instead of crashing the process. Taking the lease again
-//!   clears the parked state and tries once more;
+//!   an event that keeps failing parks its key (the aggregate id; [`crate::parked`]): the
+//!   checkpoint moves past it, the key's later events wait behind it in order, every other key
+//!   of the partition flows on. An operator's retry or skip (`/api/v1/admin/parked`) has the
+//!   worker apply the key's held events, or park it again where it fails;
 //! - a worker sleeps until a NOTIFY naming a key of its partition, or the polling interval,
 //!   wakes it.
 
@@ -33,6 +34,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::checkpoints::{self, Lease};
+use crate::parked::{self, Action, ParkedKey, ParkedSet};
 use crate::{crash, processes, reader, Cursor, LogEvent, NOTIFY_CHANNEL};
 
 /// The error a consumer reports for a page it could not apply.
@@ -95,7 +97,7 @@ pub struct RunnerConfig {
     pub batch_size: i64,
     /// Longest sleep between reads when no NOTIFY arrives.
     pub poll_interval: Duration,
-    /// Attempts at a single event before the consumer parks.
+    /// Attempts at a single event before its key is parked.
     pub attempts_before_parking: u32,
     /// How often a process without the lease tries to take it.
     pub lease_retry: Duration,
@@ -448,8 +450,6 @@ impl Manager {
             Vec::new()
         };
         for lease in expired.into_iter().chain(free) {
-            // A new holder gives a parked partition one more try (a fixed deployment, say).
-            checkpoints::unpark(&mut conn, &name, lease.partition).await?;
             tracing::info!(consumer = %name, owner = %self.owner, partition = lease.partition, token = lease.token, "took a partition");
             self.start_worker(lease);
         }
@@ -476,6 +476,9 @@ impl Manager {
             woken: self.wakes.subscribe(lease.partition),
             stopped,
             process_stopped: self.stopped.clone(),
+            parked: ParkedSet::new(),
+            parked_version: 0,
+            parked_read: std::time::Instant::now(),
         };
         let task = tokio::spawn(worker.run());
         self.workers
@@ -546,6 +549,23 @@ struct Worker {
     /// The manager's stop (lease lost, given up, or shutdown).
     stopped: watch::Receiver<bool>,
     process_stopped: watch::Receiver<bool>,
+    /// The partition's parked keys, as last read with the checkpoint; pages pass over their
+    /// events.
+    parked: ParkedSet,
+    /// The checkpoint's `parked_version` that `parked` goes with: a page commits only while the
+    /// row still has it.
+    parked_version: i64,
+    /// When `parked` was read: with keys parked, it is read again every polling interval to
+    /// see operators' requests.
+    parked_read: std::time::Instant,
+}
+
+/// What became of an operator's request on a parked key.
+enum Resolved {
+    /// Done, or parked again where it failed: go on.
+    Done,
+    /// The checkpoint or the parked row changed meanwhile (or the lease moved): read again.
+    Reread,
 }
 
 impl Worker {
@@ -568,9 +588,12 @@ impl Worker {
         let mut batch = self.batch_size();
         let mut failures = 0u32;
         let mut held_back = 0u32;
-        let mut at: Option<(Cursor, bool)> = None;
+        let mut at: Option<Cursor> = None;
         while !self.stopping() {
-            let (cursor, parked) = match at {
+            if !self.parked.is_empty() && self.parked_read.elapsed() >= self.config.poll_interval {
+                at = None;
+            }
+            let cursor = match at {
                 Some(known) => known,
                 None => match self.read_checkpoint().await {
                     Ok(known) => known,
@@ -581,12 +604,28 @@ impl Worker {
                     }
                 },
             };
-            at = Some((cursor, parked));
-            if parked {
-                let poll = self.config.poll_interval;
-                self.pause(poll).await;
-                // The manager unparks on a new lease; look again now and then.
-                at = None;
+            at = Some(cursor);
+            let requested: Vec<(String, ParkedKey)> = self
+                .parked
+                .iter()
+                .filter(|(_, p)| p.action.is_some())
+                .map(|(k, p)| (k.clone(), *p))
+                .collect();
+            if !requested.is_empty() {
+                for (key, wanted) in requested {
+                    match self.resolve(cursor, &key, wanted).await {
+                        Ok(Resolved::Done) => {}
+                        Ok(Resolved::Reread) => at = None,
+                        Err(failure) => {
+                            tracing::warn!(consumer = %name, partition, key, error = %failure.error, "a retry of a parked key failed");
+                            self.pause(self.config.poll_interval).await;
+                            at = None;
+                        }
+                    }
+                    if at.is_none() {
+                        break;
+                    }
+                }
                 continue;
             }
             let step = self.step(cursor, batch).await;
@@ -597,7 +636,7 @@ impl Worker {
                 Ok((Step::Applied, next)) => {
                     failures = 0;
                     batch = self.batch_size();
-                    at = Some((next, false));
+                    at = Some(next);
                 }
                 Ok((Step::Moved, _)) => at = None,
                 Ok((Step::Fenced, _)) => return,
@@ -614,18 +653,28 @@ impl Worker {
                     tracing::warn!(consumer = %name, partition, attempt = failures, error = %failure.error, "a page failed");
                     let backoff =
                         Duration::from_millis(100 << failures.min(8)).min(Duration::from_secs(30));
-                    if failure.transient {
-                        // The outside world is down, not the events at fault: keep the page
-                        // whole, show the error, and wait longer each time.
+                    if failure.transient || failure.first.is_none() {
+                        // The outside world or the database is down, not the events at fault:
+                        // keep the page whole, show the error, and wait longer each time.
                         self.note_error(&failure.error).await;
                         self.pause(backoff).await;
+                        at = None;
                         continue;
                     }
                     if batch == 1 && failures >= self.config.attempts_before_parking {
-                        self.park(&failure).await;
-                        failures = 0;
-                        batch = self.batch_size();
-                        at = None;
+                        match self.park(cursor, &failure, failures).await {
+                            Ok(Some(next)) => {
+                                failures = 0;
+                                batch = self.batch_size();
+                                at = Some(next);
+                            }
+                            Ok(None) => at = None,
+                            Err(e) => {
+                                tracing::error!(consumer = %name, partition, error = %e, "cannot park the key");
+                                self.pause(backoff).await;
+                                at = None;
+                            }
+                        }
                         continue;
                     }
                     // Narrow down to the failing event, then back off.
@@ -637,9 +686,16 @@ impl Worker {
         }
     }
 
-    async fn read_checkpoint(&self) -> sqlx::Result<(Cursor, bool)> {
+    /// Reads the checkpoint and the partition's parked keys.
+    async fn read_checkpoint(&mut self) -> sqlx::Result<Cursor> {
         let mut conn = self.pool.acquire().await?;
-        checkpoints::read(&mut conn, self.consumer.name(), self.lease.partition).await
+        let name = self.consumer.name();
+        let partition = self.lease.partition;
+        let (cursor, version) = checkpoints::read(&mut conn, name, partition).await?;
+        self.parked = parked::of_partition(&mut conn, name, self.partitions, partition).await?;
+        self.parked_version = version;
+        self.parked_read = std::time::Instant::now();
+        Ok(cursor)
     }
 
     /// Sleeps unless told to stop.
@@ -671,7 +727,7 @@ impl Worker {
             .acquire()
             .await
             .map_err(|e| Failure::database(&e))?;
-        let page = reader::read_partition(&mut conn, self.partitions, partition, cursor, limit)
+        let mut page = reader::read_partition(&mut conn, self.partitions, partition, cursor, limit)
             .await
             .map_err(|e| Failure::database(&e))?;
         let Some(last) = page.last().map(LogEvent::cursor) else {
@@ -691,6 +747,10 @@ impl Worker {
             };
         };
         drop(conn);
+        // A parked key's events wait behind its parked event; the cursor passes them.
+        if !self.parked.is_empty() {
+            page.retain(|e| !self.parked.contains_key(&e.aggregate_id));
+        }
         let span = tracing::info_span!(
             "consumer_page",
             consumer = name,
@@ -717,24 +777,12 @@ impl Worker {
                 return Err(Failure::consumer(&e, page));
             }
         }
-        // A worker frozen inside a page (its row locked) would keep every other process from
-        // taking the lease; Postgres ends such a transaction after three lease times. A
-        // consumer that appends events announces itself before its first write.
-        let idle_ms = (self.config.lease_ttl * 3).as_millis();
-        let announce = if self.consumer.writes_events() && !page.is_empty() {
-            format!("; {}", event_store::locks::ANNOUNCE_WRITER_SQL)
-        } else {
-            String::new()
-        };
         let mut tx = self
-            .pool
-            .begin_with(format!(
-                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}{announce}"
-            ))
+            .begin(!page.is_empty())
             .await
             .map_err(|e| Failure::database(&e))?;
         crash::pause(&format!("before_page_lock:{name}")).await;
-        let held = checkpoints::lock_if_at(&mut tx, name, cursor, self.lease)
+        let held = checkpoints::lock_if_at(&mut tx, name, cursor, self.lease, self.parked_version)
             .await
             .map_err(|e| Failure::database(&e))?;
         match held {
@@ -774,14 +822,192 @@ impl Worker {
         }
     }
 
-    async fn park(&self, failure: &Failure) {
-        let name = self.consumer.name();
+    /// Begins a page's transaction: a bounded idle time (a worker frozen inside a page, its row
+    /// locked, would keep every other process from taking the lease; Postgres ends such a
+    /// transaction after three lease times) and, for a consumer that appends events, the
+    /// writer's announcement before its first write.
+    async fn begin(
+        &self,
+        writes: bool,
+    ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let idle_ms = (self.config.lease_ttl * 3).as_millis();
+        let announce = if self.consumer.writes_events() && writes {
+            format!("; {}", event_store::locks::ANNOUNCE_WRITER_SQL)
+        } else {
+            String::new()
+        };
+        self.pool
+            .begin_with(format!(
+                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}{announce}"
+            ))
+            .await
+    }
+
+    /// Parks the key of the event `failure` started at (read after `cursor`), and moves the
+    /// checkpoint past that event in the same transaction. Answers the new cursor, or `None`
+    /// when the checkpoint moved meanwhile (read it again).
+    async fn park(
+        &mut self,
+        cursor: Cursor,
+        failure: &Failure,
+        attempts: u32,
+    ) -> sqlx::Result<Option<Cursor>> {
+        let Some(event) = &failure.first else {
+            return Ok(None);
+        };
+        let name = self.consumer.name().to_owned();
         let partition = self.lease.partition;
-        let position = failure.first.as_ref().map(|e| e.position);
-        tracing::error!(consumer = name, partition, position, error = %failure.error, "parking the partition on a poison event");
-        let result = checkpoints::park(&self.pool, name, partition, &failure.error, position).await;
-        if let Err(e) = result {
-            tracing::error!(consumer = name, error = %e, "cannot record the parked state");
+        let mut tx = self.begin(false).await?;
+        let held = checkpoints::lock_if_at(&mut tx, &name, cursor, self.lease, self.parked_version)
+            .await?;
+        if held != checkpoints::Held::Ours {
+            return Ok(None);
+        }
+        let version =
+            parked::park(&mut tx, &name, partition, event, &failure.error, attempts).await?;
+        checkpoints::advance(&mut tx, &name, partition, event.cursor(), 0).await?;
+        tx.commit().await?;
+        tracing::error!(
+            consumer = name, partition, key = event.aggregate_id, position = event.position,
+            error = %failure.error,
+            "parked a key on a poison event; its later events wait, the others flow on"
+        );
+        self.parked.insert(
+            event.aggregate_id.clone(),
+            ParkedKey {
+                cursor: event.cursor(),
+                action: None,
+            },
+        );
+        self.parked_version = version;
+        Ok(Some(event.cursor()))
+    }
+
+    /// Carries out an operator's request on the parked `key`: applies its held events, from
+    /// the parked one (retry) or the one after it (skip) up to the checkpoint at `checkpoint`,
+    /// a page per transaction, then frees the key; where an event fails, the key is parked
+    /// again there.
+    async fn resolve(
+        &mut self,
+        checkpoint: Cursor,
+        key: &str,
+        mut wanted: ParkedKey,
+    ) -> Result<Resolved, Failure> {
+        let name = self.consumer.name().to_owned();
+        let partition = self.lease.partition;
+        let mut limit = self.batch_size();
+        loop {
+            let inclusive = wanted.action != Some(Action::Skip);
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| Failure::database(&e))?;
+            let mut page = reader::read_key(
+                &mut conn,
+                self.partitions,
+                key,
+                wanted.cursor,
+                inclusive,
+                checkpoint,
+                limit + 1,
+            )
+            .await
+            .map_err(|e| Failure::database(&e))?;
+            drop(conn);
+            let next = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+                page.pop().map(|e| e.cursor())
+            } else {
+                None
+            };
+            if !page.is_empty() {
+                if let Err(e) = self.consumer.deliver(&page).await {
+                    return Err(Failure::consumer(&e, page));
+                }
+            }
+            let mut tx = self
+                .begin(!page.is_empty())
+                .await
+                .map_err(|e| Failure::database(&e))?;
+            let held = checkpoints::lock_if_at(
+                &mut tx,
+                &name,
+                checkpoint,
+                self.lease,
+                self.parked_version,
+            )
+            .await
+            .map_err(|e| Failure::database(&e))?;
+            if held != checkpoints::Held::Ours {
+                return Ok(Resolved::Reread);
+            }
+            if !page.is_empty() {
+                if let Err(e) = self.consumer.apply(&mut tx, &page).await {
+                    drop(tx);
+                    if e.is::<Transient>() {
+                        return Err(Failure::consumer(&e, page));
+                    }
+                    if page.len() > 1 {
+                        // Find the event at fault: one at a time from here.
+                        limit = 1;
+                        continue;
+                    }
+                    let at = page[0].cursor();
+                    let error = e.to_string();
+                    let again = parked::failed(&self.pool, &name, key, wanted, at, &error)
+                        .await
+                        .map_err(|e| Failure::database(&e))?;
+                    if !again {
+                        return Ok(Resolved::Reread);
+                    }
+                    tracing::warn!(
+                        consumer = name,
+                        partition,
+                        key,
+                        position = at.position,
+                        error,
+                        "the retried key failed again; it stays parked"
+                    );
+                    self.parked.insert(
+                        key.to_owned(),
+                        ParkedKey {
+                            cursor: at,
+                            action: None,
+                        },
+                    );
+                    return Ok(Resolved::Done);
+                }
+            }
+            let resumed = parked::resume(&mut tx, &name, partition, key, wanted, next)
+                .await
+                .map_err(|e| Failure::database(&e))?;
+            let Some(version) = resumed else {
+                return Ok(Resolved::Reread);
+            };
+            checkpoints::count_applied(&mut tx, &name, partition, page.len())
+                .await
+                .map_err(|e| Failure::database(&e))?;
+            tx.commit().await.map_err(|e| Failure::database(&e))?;
+            self.parked_version = version;
+            match next {
+                None => {
+                    tracing::info!(
+                        consumer = name,
+                        partition,
+                        key,
+                        "a parked key caught up and flows again"
+                    );
+                    self.parked.remove(key);
+                    return Ok(Resolved::Done);
+                }
+                Some(cursor) => {
+                    wanted = ParkedKey {
+                        cursor,
+                        action: Some(Action::Retry),
+                    };
+                    self.parked.insert(key.to_owned(), wanted);
+                }
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::{chain, locks, replay};
 
 use aggregates::inventory::Product;
+use aggregates::operations::LogConsumer;
 use aggregates::order::Order;
 use aggregates::payment::Payment;
 
@@ -72,6 +73,11 @@ impl StoredAggregate for Product {
 }
 
 impl StoredAggregate for Order {
+    const SNAPSHOT_EVERY: Option<usize> = None;
+}
+
+impl StoredAggregate for LogConsumer {
+    // A handful of operators' actions per consumer.
     const SNAPSHOT_EVERY: Option<usize> = None;
 }
 

@@ -42,7 +42,7 @@ use event_log::LogEvent;
 pub const CONSUMER_NAME: &str = "kafka-relay";
 
 /// Aggregate types the relay knows, and so the topics it creates.
-pub const AGGREGATE_TYPES: [&str; 3] = ["order", "inventory", "payment"];
+pub const AGGREGATE_TYPES: [&str; 4] = ["order", "inventory", "payment", "consumer"];
 
 /// How the relay reaches Kafka.
 #[derive(Debug, Clone)]

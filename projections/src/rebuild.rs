@@ -163,6 +163,7 @@ async fn fill_and_swap(
         sqlx::query(&sql).execute(&mut *tx).await?;
     }
     checkpoints::reset(&mut tx, name, cursor, &counted.by_partition).await?;
+    event_log::parked::clear(&mut tx, name).await?;
     tx.commit().await?;
     let events = counted.events;
     progress(events, head.max(cursor.position));

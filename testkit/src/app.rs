@@ -373,12 +373,11 @@ impl TestApp {
             if behind == 0 {
                 return;
             }
-            let parked: Option<(String, Option<String>)> = sqlx::query_as(
-                "SELECT consumer, last_error FROM checkpoints WHERE state = 'parked' LIMIT 1",
-            )
-            .fetch_optional(&self.pool)
-            .await
-            .expect("state");
+            let parked: Option<(String, Option<String>)> =
+                sqlx::query_as("SELECT consumer || ' key ' || key, error FROM parked_keys LIMIT 1")
+                    .fetch_optional(&self.pool)
+                    .await
+                    .expect("state");
             if let Some((consumer, error)) = parked {
                 panic!("consumer {consumer} is parked: {error:?}");
             }

@@ -1,7 +1,7 @@
 use aggregates::inventory::{Product, ProductCommand};
 use aggregates::values::{OrderId, Quantity};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 use testkit::{json_body, TestApp};
 use uuid::Uuid;
 
@@ -67,41 +67,193 @@ async fn projections_report_position_lag_and_state() {
     }
 }
 
-#[tokio::test]
-async fn a_poison_event_parks_its_projection_with_the_error_visible() {
+/// The parked keys `GET /api/v1/admin/parked` lists for `consumer`.
+async fn parked_keys(app: &TestApp, consumer: &str) -> Vec<Value> {
+    let body = json_body(
+        app.get(
+            &format!("/api/v1/admin/parked?consumer={consumer}"),
+            &app.admin(),
+        )
+        .await,
+    )
+    .await;
+    body["items"].as_array().unwrap().clone()
+}
+
+/// Waits up to 20 s for `parked_keys(consumer)` to satisfy `done`; answers the last list.
+async fn parked_until(
+    app: &TestApp,
+    consumer: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut items = Vec::new();
+    for _ in 0..200 {
+        items = parked_keys(app, consumer).await;
+        if done(&items) {
+            return items;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the parked keys of {consumer} did not settle: {items:?}");
+}
+
+/// Appends one raw event (as a writer must, announced), bypassing the aggregates.
+async fn append_raw(app: &TestApp, sql: &str) {
+    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
+    sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_event_parks_its_key_the_others_flow_and_an_operator_retries_then_skips_it() {
     let app = TestApp::spawn_without_sagas().await;
     app.register_product("A", 1, 1).await;
     app.caught_up().await;
     // An event no projection can fold: a restock of a SKU that was never registered.
-    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
-    sqlx::query(
+    append_raw(
+        &app,
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES ('inventory', 'GHOST', 1, 'Restocked', '1', '{\"Restocked\": {\"quantity\": 1, \"note\": null}}', '{}')",
     )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    let mut parked = Value::Null;
-    for _ in 0..200 {
-        let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
-        parked = body["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|i| i["name"] == "inventory")
-            .cloned()
-            .unwrap_or_default();
-        if parked["state"] == "parked" {
+    .await;
+    let items = parked_until(&app, "inventory", |items| !items.is_empty()).await;
+    let ghost = &items[0];
+    assert_eq!(ghost["key"], "GHOST");
+    assert_eq!(ghost["position"], 2);
+    assert_eq!(ghost["event_type"], "Restocked");
+    assert!(
+        ghost["error"].as_str().unwrap().contains("GHOST"),
+        "{ghost}"
+    );
+    let attempts = ghost["attempts"].as_i64().unwrap();
+    assert!(attempts >= 5, "{ghost}");
+    assert!(ghost["action"].is_null());
+
+    // The consumer shows it; later events of the key wait behind it, other keys flow on.
+    let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
+    let inventory = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "inventory")
+        .unwrap()
+        .clone();
+    assert_eq!(inventory["state"], "parked");
+    assert_eq!(inventory["parked_keys"], 1);
+    assert_eq!(inventory["parked_position"], 2);
+    append_raw(
+        &app,
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'inventory', 'GHOST', 2, event_type, event_version,
+                jsonb_set(payload, '{ProductRegistered,sku}', '\"GHOST\"'), '{}'
+           FROM events WHERE aggregate_id = 'A' AND sequence = 1",
+    )
+    .await;
+    app.register_product("B", 1, 7).await;
+    let mut b = StatusCode::NOT_FOUND;
+    for _ in 0..100 {
+        b = app.get("/api/v1/inventory/B", &app.admin()).await.status();
+        if b == StatusCode::OK {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(parked["name"], "inventory");
-    assert_eq!(parked["state"], "parked");
-    assert!(parked["last_error"].as_str().unwrap().contains("GHOST"));
-    assert_eq!(parked["parked_position"], 2);
-    // The others are not held up, and the API still answers.
+    assert_eq!(b, StatusCode::OK, "another key flows past the parked one");
+    assert_eq!(
+        app.get("/api/v1/inventory/GHOST", &app.admin())
+            .await
+            .status(),
+        StatusCode::NOT_FOUND,
+        "the parked key's later event waits"
+    );
+
+    // A retry while the cause is still there fails again and keeps the key parked.
+    let retried = app
+        .post(
+            "/api/v1/admin/parked/inventory/GHOST/retry",
+            Some(&app.admin()),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(retried.status(), StatusCode::ACCEPTED);
+    assert_eq!(json_body(retried).await["action"], "retry");
+    parked_until(&app, "inventory", |items| {
+        items.len() == 1
+            && items[0]["attempts"].as_i64() == Some(attempts + 1)
+            && items[0]["action"].is_null()
+    })
+    .await;
+
+    // A customer may not touch it; an unknown key is a 404.
+    let customer = app.customer("c1");
+    let refused = app
+        .post(
+            "/api/v1/admin/parked/inventory/GHOST/skip",
+            Some(&customer),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let unknown = app
+        .post(
+            "/api/v1/admin/parked/inventory/NOPE/retry",
+            Some(&app.admin()),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        unknown.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    // Skipping passes over the poison event for good, says so in the log, and applies the rest.
+    let skipped = app
+        .post(
+            "/api/v1/admin/parked/inventory/GHOST/skip",
+            Some(&app.admin()),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(skipped.status(), StatusCode::ACCEPTED);
+    parked_until(&app, "inventory", <[Value]>::is_empty).await;
+    let ghost = json_body(app.get("/api/v1/inventory/GHOST", &app.admin()).await).await;
+    assert_eq!(
+        ghost["on_hand"], 1,
+        "the registration after the skipped restock: {ghost}"
+    );
+    let (aggregate_id, payload, metadata): (String, Value, Value) = sqlx::query_as(
+        "SELECT aggregate_id, payload, metadata FROM events
+          WHERE aggregate_type = 'consumer' AND event_type = 'ParkedEventSkipped'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(aggregate_id, "inventory");
+    let what = &payload["ParkedEventSkipped"];
+    assert_eq!(what["key"], "GHOST");
+    assert_eq!(what["position"], 2);
+    assert_eq!(what["event_type"], "Restocked");
+    assert_eq!(metadata["actor_role"], "admin");
+    assert!(!metadata["actor_sub"].as_str().unwrap().is_empty());
+    let again = app
+        .post(
+            "/api/v1/admin/parked/inventory/GHOST/skip",
+            Some(&app.admin()),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
+    for item in body["items"].as_array().unwrap() {
+        assert_eq!(item["state"], "running", "{item}");
+    }
+    // The health check answers throughout.
     let health = app
         .client
         .get(format!("{}/health/ready", app.address))

@@ -190,6 +190,7 @@ async fn bad_query_and_path_values_are_problems_naming_the_parameter() {
         ("/api/v1/admin/events?limit=x", "limit"),
         ("/api/v1/admin/sagas?limit=-", "limit"),
         ("/api/v1/admin/notifications?limit=1e3", "limit"),
+        ("/api/v1/admin/parked?limit=0", "limit"),
         ("/api/v1/admin/streams/order/x?version=v", "version"),
     ] {
         problem(

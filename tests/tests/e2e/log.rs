@@ -450,9 +450,9 @@ async fn a_lease_taken_over_fences_off_its_old_holder() {
 
     // `a` wakes with a page in hand: it can neither commit it nor renew.
     let mut stale = app.pool.begin().await.unwrap();
-    let (at, _) = checkpoints::read(&mut stale, name, 0).await.unwrap();
+    let (at, parked) = checkpoints::read(&mut stale, name, 0).await.unwrap();
     assert_eq!(
-        checkpoints::lock_if_at(&mut stale, name, at, a)
+        checkpoints::lock_if_at(&mut stale, name, at, a, parked)
             .await
             .unwrap(),
         Held::Fenced
@@ -467,7 +467,7 @@ async fn a_lease_taken_over_fences_off_its_old_holder() {
     checkpoints::release(&mut conn, name, &[a]).await.unwrap();
     let mut fresh = app.pool.begin().await.unwrap();
     assert_eq!(
-        checkpoints::lock_if_at(&mut fresh, name, at, b)
+        checkpoints::lock_if_at(&mut fresh, name, at, b, parked)
             .await
             .unwrap(),
         Held::Ours,

@@ -165,7 +165,10 @@ async fn shop() -> (TestApp, Vec<Route>) {
         POST /api/v1/admin/notifications/UNKNOWN/retry     403 403 404 403
         GET  /api/v1/admin/sagas                           403 403 200 403
         GET  /api/v1/admin/sagas/ORDER                     403 403 200 403
-        POST /api/v1/admin/sagas/ORDER/retry               403 403 409 403";
+        POST /api/v1/admin/sagas/ORDER/retry               403 403 409 403
+        GET  /api/v1/admin/parked                          403 403 200 403
+        POST /api/v1/admin/parked/fulfillment/ORDER/retry  403 403 404 403
+        POST /api/v1/admin/parked/fulfillment/ORDER/skip   403 403 404 403";
     // Every POST carries a body its handler refuses (400) or ignores, so no call changes the
     // state the others meet.
     let routes = table

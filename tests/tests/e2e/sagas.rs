@@ -417,3 +417,122 @@ async fn saga_commands_carry_the_orders_correlation_id_and_a_deterministic_reque
         ]
     );
 }
+
+/// Orders among `ids` that the orders read model shows as `status`.
+async fn orders_in(app: &TestApp, ids: &[String], status: &str) -> i64 {
+    let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.parse().unwrap()).collect();
+    sqlx::query_scalar("SELECT count(*) FROM rm_orders WHERE order_id = ANY($1) AND status = $2")
+        .bind(&ids)
+        .bind(status)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// The saga's parked keys, as `GET /api/v1/admin/parked` lists them.
+async fn saga_parked(app: &TestApp) -> Vec<Value> {
+    let body = json_body(
+        app.get("/api/v1/admin/parked?consumer=fulfillment", &app.admin())
+            .await,
+    )
+    .await;
+    body["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_order_parks_only_itself_while_200_others_confirm_and_a_retry_after_the_fix_finishes_it(
+) {
+    let app = TestApp::spawn().await;
+    app.register_product("POISON", 100, 10).await;
+    for i in 0..4 {
+        app.register_product(&format!("FINE{i}"), 100, 1000).await;
+    }
+    app.caught_up().await;
+    // A fault in the database that only this SKU's reservations meet: every page that
+    // reserves it fails, for as long as the trigger is there.
+    sqlx::raw_sql(
+        "CREATE FUNCTION jam() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'the POISON shelf is jammed'; END $$;
+         CREATE TRIGGER jam BEFORE INSERT ON events FOR EACH ROW
+           WHEN (NEW.aggregate_type = 'inventory' AND NEW.aggregate_id = 'POISON')
+           EXECUTE FUNCTION jam();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let poison = app.placed_order("c-poison", &[("POISON", 1)]).await;
+    let app = &app;
+    let others: Vec<String> = join_all((0..200).map(|i| async move {
+        let sku = format!("FINE{}", i % 4);
+        app.placed_order(&format!("c{}", i % 20), &[(sku.as_str(), 1)])
+            .await
+    }))
+    .await;
+    let mut parked = Vec::new();
+    let mut confirmed = 0;
+    for _ in 0..600 {
+        parked = saga_parked(app).await;
+        confirmed = orders_in(app, &others, "confirmed").await;
+        if confirmed == 200 && !parked.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(confirmed, 200, "every other order confirms meanwhile");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0]["key"], poison.as_str());
+    assert_eq!(parked[0]["event_type"], "OrderPlaced");
+    assert!(
+        parked[0]["error"].as_str().unwrap().contains("jammed"),
+        "{parked:?}"
+    );
+    assert_eq!(
+        orders_in(app, std::slice::from_ref(&poison), "pending").await,
+        1
+    );
+    let saga_status = app
+        .get(&format!("/api/v1/admin/sagas/{poison}"), &app.admin())
+        .await
+        .status();
+    assert_eq!(
+        saga_status,
+        StatusCode::NOT_FOUND,
+        "the parked order has no saga yet"
+    );
+
+    // The cause is fixed; the operator retries; the order finishes like any other.
+    sqlx::raw_sql("DROP TRIGGER jam ON events; DROP FUNCTION jam();")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let retried = admin_post(
+        app,
+        &format!("/api/v1/admin/parked/fulfillment/{poison}/retry"),
+    )
+    .await;
+    assert_eq!(retried.status(), StatusCode::ACCEPTED);
+    for _ in 0..300 {
+        if saga_parked(app).await.is_empty()
+            && orders_in(app, std::slice::from_ref(&poison), "confirmed").await == 1
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(saga_parked(app).await.is_empty());
+    app.caught_up().await;
+    assert_eq!(order(app, &poison).await["status"], "confirmed");
+    let shelf = stock(app, "POISON").await;
+    assert_eq!(
+        (shelf["on_hand"].clone(), shelf["reserved"].clone()),
+        (json!(10), json!(1))
+    );
+    let mut reserved = 0;
+    for i in 0..4 {
+        reserved += stock(app, &format!("FINE{i}")).await["reserved"]
+            .as_i64()
+            .unwrap();
+    }
+    assert_eq!(reserved, 200, "each other order reserved once");
+    app.assert_applied_once(4).await;
+}
