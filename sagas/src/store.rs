@@ -52,6 +52,33 @@ pub async fn lock(conn: &mut PgConnection, order_id: OrderId) -> sqlx::Result<Op
     Ok(row.map(|json| json.0))
 }
 
+/// Reads the sagas of `order_ids` and locks their rows until the transaction ends, in order-id
+/// order (every path locks saga rows in this order, after the aggregates:
+/// `runtime::Work::lock`). Answers those that exist. With `lock` false it only reads them
+/// (their lines never change, so what the locks are taken for can be read beforehand).
+///
+/// # Errors
+/// As [`lock`].
+pub async fn lock_many(
+    conn: &mut PgConnection,
+    order_ids: &[OrderId],
+    lock: bool,
+) -> sqlx::Result<Vec<Fulfillment>> {
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = order_ids.iter().map(OrderId::as_uuid).collect();
+    // The sort sits below the row locks in the plan, so rows are locked in this order.
+    let sql = if lock {
+        "SELECT data FROM sagas WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
+    } else {
+        "SELECT data FROM sagas WHERE order_id = ANY($1)"
+    };
+    let rows: Vec<sqlx::types::Json<Fulfillment>> =
+        sqlx::query_scalar(sql).bind(&ids).fetch_all(conn).await?;
+    Ok(rows.into_iter().map(|json| json.0).collect())
+}
+
 /// Reads a saga without locking it, with the time its pending call is due.
 ///
 /// # Errors

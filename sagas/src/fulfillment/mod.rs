@@ -147,6 +147,12 @@ impl Fulfillment {
         self.order_id
     }
 
+    /// Every SKU the saga may reserve, release or commit: its transaction locks them all up
+    /// front, in the one lock order (`runtime::Work::lock`).
+    pub fn skus(&self) -> impl Iterator<Item = &str> {
+        self.lines.iter().map(|l| l.sku.as_str())
+    }
+
     /// The correlation id of the order's placement.
     pub fn correlation_id(&self) -> Uuid {
         self.correlation_id

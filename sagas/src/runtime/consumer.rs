@@ -1,13 +1,13 @@
 //! The saga's log consumer: starts a saga per placed order and moves it on cancellations and
 //! shipments, in the subscription runner's transaction.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use aggregates::inventory::Product;
 use aggregates::order::{Order, OrderEvent};
-use aggregates::payment::Payment;
 use aggregates::values::OrderId;
 use event_log::subscription::{Consumer, ConsumerError, Transient};
 use event_log::LogEvent;
@@ -29,23 +29,25 @@ impl FulfillmentConsumer {
         Self { timing }
     }
 
+    /// Moves the saga of `order_id` (locked up front, in `locked`) with `change` and drives it.
     async fn advance(
         &self,
         work: &mut Work,
         tx: &mut PgConnection,
+        locked: &mut HashMap<OrderId, Fulfillment>,
         order_id: OrderId,
         change: impl FnOnce(&mut Fulfillment),
     ) -> Result<(), ConsumerError> {
-        let Some(mut saga) = store::lock(tx, order_id).await? else {
+        let Some(saga) = locked.get_mut(&order_id) else {
             // Orders placed before the saga existed have no saga; nothing to compensate.
             tracing::warn!(%order_id, "order event without a saga; ignored");
             return Ok(());
         };
-        change(&mut saga);
-        drive(work, tx, &mut saga, &self.timing)
+        change(saga);
+        drive(work, tx, saga, &self.timing)
             .await
             .map_err(retry_conflicts)?;
-        store::save(tx, &saga).await?;
+        store::save(tx, saga).await?;
         Ok(())
     }
 }
@@ -84,29 +86,42 @@ impl Consumer for FulfillmentConsumer {
             .iter()
             .map(|e| Ok((e, e.decode::<OrderEvent>()?)))
             .collect::<Result<Vec<_>, ConsumerError>>()?;
-        // Every SKU the page's placements reserve and every payment they request, locked and
-        // loaded up front in four round trips rather than two per aggregate.
+        // Every lock the page needs, before its first write and in the one lock order of the
+        // saga (`Work::lock`): every SKU, payment and order its sagas may command, each kind in
+        // one round trip, then the rows of the sagas its cancellations and shipments move.
+        let mut moved = Vec::new();
         let mut skus = Vec::new();
-        let mut payments = Vec::new();
-        for (_, event) in &decoded {
-            if let OrderEvent::OrderPlaced {
-                order_id, lines, ..
-            } = event
-            {
-                skus.extend(lines.iter().map(|l| l.sku.as_str().to_owned()));
-                payments.push(order_id.to_string());
+        let mut orders = Vec::new();
+        for (event, decoded) in &decoded {
+            match decoded {
+                OrderEvent::OrderPlaced {
+                    order_id, lines, ..
+                } => {
+                    skus.extend(lines.iter().map(|l| l.sku.as_str().to_owned()));
+                    orders.push(order_id.to_string());
+                }
+                OrderEvent::OrderCancelled { .. } | OrderEvent::OrderShipped { .. } => {
+                    moved.push(order_id_of(event)?);
+                }
+                OrderEvent::OrderConfirmed | OrderEvent::OrderRejected { .. } => {}
             }
         }
+        moved.sort_unstable();
+        moved.dedup();
+        for saga in store::lock_many(tx, &moved, false).await? {
+            skus.extend(saga.skus().map(str::to_owned));
+            orders.push(saga.order_id().to_string());
+        }
         let skus: Vec<&str> = skus.iter().map(String::as_str).collect();
-        let payments: Vec<&str> = payments.iter().map(String::as_str).collect();
-        work.unit
-            .prefetch::<Product>(tx, &skus)
+        let orders: Vec<&str> = orders.iter().map(String::as_str).collect();
+        work.lock(tx, &skus, &orders)
             .await
             .map_err(retry_conflicts)?;
-        work.unit
-            .prefetch::<Payment>(tx, &payments)
-            .await
-            .map_err(retry_conflicts)?;
+        let mut locked: HashMap<OrderId, Fulfillment> = store::lock_many(tx, &moved, true)
+            .await?
+            .into_iter()
+            .map(|saga| (saga.order_id(), saga))
+            .collect();
         for (event, decoded) in decoded {
             let now = Utc::now();
             match decoded {
@@ -135,15 +150,18 @@ impl Consumer for FulfillmentConsumer {
                         .await
                         .map_err(retry_conflicts)?;
                     store::save(tx, &saga).await?;
+                    // A cancellation later in the page moves it on (its row is this
+                    // transaction's already).
+                    locked.insert(order_id, saga);
                 }
                 OrderEvent::OrderCancelled { .. } => {
                     let id = order_id_of(event)?;
-                    self.advance(&mut work, tx, id, |s| s.on_cancelled(now))
+                    self.advance(&mut work, tx, &mut locked, id, |s| s.on_cancelled(now))
                         .await?;
                 }
                 OrderEvent::OrderShipped { .. } => {
                     let id = order_id_of(event)?;
-                    self.advance(&mut work, tx, id, |s| s.on_shipped(now))
+                    self.advance(&mut work, tx, &mut locked, id, |s| s.on_shipped(now))
                         .await?;
                 }
                 OrderEvent::OrderConfirmed | OrderEvent::OrderRejected { .. } => {}

@@ -153,6 +153,26 @@ impl Work {
         }
     }
 
+    /// Locks and loads, before the transaction's first write, every aggregate its sagas may
+    /// command: the SKUs, then the payments and then the orders of `orders`, each kind in
+    /// lock-key order. Then the caller locks the saga rows (`store::lock_many`, by order id).
+    /// That is the one lock order of every saga path (the consumer's page, the gateway
+    /// worker), so two of them never wait on each other crosswise; the command API holds one
+    /// order's lock alone. The aggregate locks are advisory and come first because a row lock
+    /// gives the transaction an id, and a transaction with an id that then waits for an
+    /// aggregate must start over if a younger one appended to it meanwhile (ADR 1).
+    pub(crate) async fn lock(
+        &mut self,
+        conn: &mut PgConnection,
+        skus: &[&str],
+        orders: &[&str],
+    ) -> Result<(), StoreError> {
+        self.unit.prefetch::<Product>(conn, skus).await?;
+        self.unit.prefetch::<Payment>(conn, orders).await?;
+        self.unit.prefetch::<Order>(conn, orders).await?;
+        Ok(())
+    }
+
     async fn run<A: StoredAggregate<Services = ()> + Send + Sync + 'static>(
         &mut self,
         conn: &mut PgConnection,

@@ -174,6 +174,13 @@ impl Worker {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         // Recording the answer may append events: announce before the saga row is locked.
         locks::announce_writer(&mut tx).await?;
+        // Everything the saga may command, then its row, locked before the first write in the
+        // one lock order of every saga path (`Work::lock`): the consumer's pages take the same.
+        // Its lines never change, so the copy read before the call names the SKUs.
+        let mut work = Work::new();
+        let skus: Vec<&str> = saga.skus().collect();
+        let order = order_id.to_string();
+        work.lock(&mut tx, &skus, &[order.as_str()]).await?;
         let Some(mut saga) = store::lock(&mut tx, order_id).await? else {
             return Ok(());
         };
@@ -181,7 +188,7 @@ impl Worker {
             tracing::debug!(%order_id, ?op, ?answer, "gateway answered");
             saga.on_gateway(op, answer, timing, Utc::now());
         }
-        drive(&mut Work::new(), &mut tx, &mut saga, timing).await?;
+        drive(&mut work, &mut tx, &mut saga, timing).await?;
         store::save(&mut tx, &saga).await?;
         tx.commit().await?;
         crash::point("after_gateway_record");

@@ -536,3 +536,54 @@ async fn a_poison_order_parks_only_itself_while_200_others_confirm_and_a_retry_a
     assert_eq!(reserved, 200, "each other order reserved once");
     app.assert_applied_once(4).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_orders_and_cancellations_on_shared_skus_calls_the_provider_once_per_key() {
+    let app = TestApp::spawn().await;
+    for sku in ["LA", "LB", "LC"] {
+        app.register_product(sku, 100, 100_000).await;
+    }
+    app.caught_up().await;
+    let app = &app;
+    // Every order takes all three SKUs, listed in different orders; a third are cancelled as
+    // soon as they are placed, so compensations and gateway answers race on the same SKUs.
+    let lines = [
+        [("LA", 1), ("LB", 1), ("LC", 1)],
+        [("LC", 1), ("LB", 1), ("LA", 1)],
+        [("LB", 1), ("LC", 1), ("LA", 1)],
+    ];
+    let placed = join_all((0..150).map(|i| async move {
+        let customer = format!("c{}", i % 10);
+        let id = app.placed_order(&customer, &lines[i % 3]).await;
+        if i % 3 == 0 {
+            let cancelled = app
+                .post(
+                    &format!("/api/v1/orders/{id}/cancel"),
+                    Some(&app.customer(&customer)),
+                    &json!({}),
+                    &[],
+                )
+                .await;
+            assert_eq!(cancelled.status(), StatusCode::ACCEPTED);
+        }
+        id
+    }))
+    .await;
+    app.caught_up().await;
+    let confirmed = orders_in(app, &placed, "confirmed").await;
+    let cancelled = orders_in(app, &placed, "cancelled").await;
+    assert_eq!((confirmed, cancelled), (100, 50));
+    // No step's transaction failed after its provider call: each call was made once.
+    let repeated: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT idempotency_key, calls FROM simulated_gateway_operations WHERE calls <> 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(repeated, [], "provider calls made more than once");
+    for sku in ["LA", "LB", "LC"] {
+        let shelf = stock(app, sku).await;
+        assert_eq!(shelf["on_hand"], 100_000);
+        assert_eq!(shelf["reserved"], confirmed, "{sku}: {shelf}");
+    }
+}
