@@ -130,6 +130,28 @@ pub struct Subscriptions {
     tasks: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     owner: String,
+    freeze: Arc<Freeze>,
+}
+
+/// A runner frozen as a whole (a test's SIGSTOP, in process): until when.
+#[derive(Default)]
+struct Freeze(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl Freeze {
+    fn until(&self) -> Option<std::time::Instant> {
+        let until = *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.filter(|t| *t > std::time::Instant::now())
+    }
+
+    /// Sleeps while frozen.
+    async fn thaw(&self) {
+        while let Some(until) = self.until() {
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
 }
 
 /// One wake-up channel per partition, shared by every consumer's worker of that partition.
@@ -168,6 +190,7 @@ impl Subscriptions {
     /// starts a worker per partition it holds) and one task that turns NOTIFYs into wake-ups.
     pub fn spawn(pool: &PgPool, consumers: Vec<Arc<dyn Consumer>>, config: &RunnerConfig) -> Self {
         let (stop, stopped) = watch::channel(false);
+        let freeze = Arc::new(Freeze::default());
         let partitions = config.partitions.max(1);
         let wakes = Wakes::new(partitions);
         let owner = config.owner.clone();
@@ -188,15 +211,45 @@ impl Subscriptions {
                 stopped: stopped.clone(),
                 workers: HashMap::new(),
                 stopping: Vec::new(),
+                freeze: freeze.clone(),
             };
             tasks.push(tokio::spawn(manager.run()));
         }
-        Self { tasks, stop, owner }
+        Self {
+            tasks,
+            stop,
+            owner,
+            freeze,
+        }
+    }
+
+    /// Freezes every consumer of this runner for `duration`, as SIGSTOP would freeze the
+    /// process: lease managers renew and take nothing, and each worker stops just before it
+    /// locks its next page's checkpoint (its page read, its transaction begun), then goes on.
+    /// For fault tests of fencing in one process.
+    pub fn freeze(&self, duration: Duration) {
+        let mut until = self
+            .freeze
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *until = Some(std::time::Instant::now() + duration);
     }
 
     /// The name this process holds its leases under (`host:pid:runner`).
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// Stops every task at once, in the middle of whatever it does: open page transactions are
+    /// abandoned (rolled back), nothing is released and no heartbeat removed, as when the
+    /// process is killed with `kill -9`. Other processes take the partitions once the leases
+    /// expire. For tests of takeovers; a server stops with [`Subscriptions::shutdown`].
+    pub fn abort(self) {
+        for task in self.tasks {
+            // A manager's workers go with it (`Running` aborts its worker when dropped).
+            task.abort();
+        }
     }
 
     /// Stops every consumer after its current transaction, gives up the leases, and waits.
@@ -283,11 +336,23 @@ async fn sleep_or_stop(duration: Duration, stopped: &mut watch::Receiver<bool>) 
     }
 }
 
-/// A worker the manager started, and how to stop it.
+/// A worker the manager started, and how to stop it. Dropping it (the manager's task ended or
+/// was aborted) aborts the worker, so a worker never outlives its manager and its lease
+/// renewals.
 struct Running {
     lease: Lease,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    _abort: AbortOnDrop,
+}
+
+/// Aborts a task when dropped (a finished task is left alone).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A worker asked to stop, and whether its lease is to be given up once it has (it is still
@@ -310,6 +375,7 @@ struct Manager {
     stopped: watch::Receiver<bool>,
     workers: HashMap<u32, Running>,
     stopping: Vec<Stopping>,
+    freeze: Arc<Freeze>,
 }
 
 impl Manager {
@@ -338,7 +404,7 @@ impl Manager {
                 break;
             }
             // A test's pause point freezes this consumer as a frozen process would be.
-            if !crash::frozen(&name) {
+            if !crash::frozen(&name) && self.freeze.until().is_none() {
                 if let Err(e) = self.balance().await {
                     tracing::warn!(consumer = %name, error = %e, "cannot renew or take leases");
                 }
@@ -355,14 +421,15 @@ impl Manager {
                 .filter(|s| s.release)
                 .map(|s| s.running.lease),
         );
-        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        let mut workers: Vec<Running> = Vec::new();
         for (_, running) in self.workers.drain() {
             running.stop.send_replace(true);
-            tasks.push(running.task);
+            workers.push(running);
         }
-        tasks.extend(self.stopping.drain(..).map(|s| s.running.task));
-        for task in tasks {
-            if let Err(e) = task.await {
+        workers.extend(self.stopping.drain(..).map(|s| s.running));
+        // Awaited through `&mut`: each abort guard stays until its worker finished its page.
+        for mut worker in workers {
+            if let Err(e) = (&mut worker.task).await {
                 tracing::error!(consumer = %name, error = %e, "a partition worker failed");
             }
         }
@@ -476,13 +543,22 @@ impl Manager {
             woken: self.wakes.subscribe(lease.partition),
             stopped,
             process_stopped: self.stopped.clone(),
+            freeze: self.freeze.clone(),
             parked: ParkedSet::new(),
             parked_version: 0,
             parked_read: std::time::Instant::now(),
         };
         let task = tokio::spawn(worker.run());
-        self.workers
-            .insert(lease.partition, Running { lease, stop, task });
+        let abort = AbortOnDrop(task.abort_handle());
+        self.workers.insert(
+            lease.partition,
+            Running {
+                lease,
+                stop,
+                task,
+                _abort: abort,
+            },
+        );
     }
 
     /// Asks the workers of `partitions` to stop after their page; `release` gives their leases
@@ -549,6 +625,8 @@ struct Worker {
     /// The manager's stop (lease lost, given up, or shutdown).
     stopped: watch::Receiver<bool>,
     process_stopped: watch::Receiver<bool>,
+    /// The runner's freeze (fault tests), waited out before each page's lock.
+    freeze: Arc<Freeze>,
     /// The partition's parked keys, as last read with the checkpoint; pages pass over their
     /// events.
     parked: ParkedSet,
@@ -782,6 +860,7 @@ impl Worker {
             .await
             .map_err(|e| Failure::database(&e))?;
         crash::pause(&format!("before_page_lock:{name}")).await;
+        self.freeze.thaw().await;
         let held = checkpoints::lock_if_at(&mut tx, name, cursor, self.lease, self.parked_version)
             .await
             .map_err(|e| Failure::database(&e))?;

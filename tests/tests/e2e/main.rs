@@ -12,6 +12,7 @@ mod hostile;
 mod idempotency;
 mod inventory;
 mod large_log;
+mod leases;
 mod log;
 mod notifications;
 mod orders;
