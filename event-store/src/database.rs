@@ -12,12 +12,18 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// Opens a pool to `url`. Its sessions run with `jit = off`: every statement orderline sends is
 /// short and index-bound, and compiling one with LLVM (which a large table's cost estimate
-/// triggers) costs more than running it.
+/// triggers) costs more than running it. Unless the URL names one, each session's
+/// `application_name` is `orderline:PID`, so that `pg_stat_activity` (and the horizon holders
+/// of the admin view) tell which process a connection belongs to, as lease owners
+/// (`host:PID:run`) do.
 ///
 /// # Errors
 /// [`StoreError::Database`] if the URL is invalid or the server cannot be reached.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.options([("jit", "off")]);
+    let mut options: PgConnectOptions = url.parse::<PgConnectOptions>()?.options([("jit", "off")]);
+    if options.get_application_name().is_none() {
+        options = options.application_name(&format!("orderline:{}", std::process::id()));
+    }
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
