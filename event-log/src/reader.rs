@@ -202,24 +202,39 @@ impl LogEvent {
 /// The horizon as an SQL expression (`xid8`): events whose transaction id is below it are final.
 ///
 /// It is the statement's snapshot's `xmax`, lowered to the oldest transaction of the snapshot's
-/// in-progress list that is either a writer of this log (it holds the shared lock of
-/// `event_store::locks::WRITER` in this database) or not running any more (it may have
-/// been a writer that just committed; the statement's snapshot does not see it yet). Running
-/// transactions that never announced themselves (another database, an idle `psql`, a
-/// projection's page) are passed over. Writers announce before they have a transaction id, so a
-/// transaction passed over can never commit an event below the horizon. Prepared transactions
-/// (no backend) are never passed over.
-pub const HORIZON_SQL: &str = "(SELECT least(pg_snapshot_xmax(snap.s), (
+/// in-progress list that is not known for sure to be a running non-writer. A transaction is
+/// passed over only when, in one snapshot of the lock table, its own backend holds its
+/// transaction id (the `ExclusiveLock` every transaction holds on its id) and not the shared
+/// lock of `event_store::locks::WRITER` in this database, and it is still in progress after
+/// that snapshot was taken. Writers announce before they have a transaction id and keep the
+/// lock until they end, and a transaction releases its locks only after its end is recorded,
+/// so a transaction passed over can never commit an event below the horizon; one that ended
+/// meanwhile (the statement's snapshot does not see its events) always counts. Passed over:
+/// transactions in other databases, an idle `psql`, a projection's page, a lease renewal.
+/// Prepared transactions (no backend) are never passed over.
+///
+/// Until 2026-12-06 any granted lock on a transaction id counted as that transaction's: a
+/// non-writer that had just waited for a writer (a lease renewal waiting for a page holding its
+/// checkpoint row) holds a `ShareLock` on the writer's id for an instant after the writer
+/// commits, and a reader that looked then passed the writer's events over. The three-process
+/// test caught one such event, never applied by a projection.
+pub const HORIZON_SQL: &str = "(WITH locks AS MATERIALIZED (
+        SELECT locktype, transactionid, mode, pid, granted, classid, objid, objsubid, database
+          FROM pg_locks)
+    SELECT least(pg_snapshot_xmax(snap.s), (
         SELECT min(x) FROM pg_snapshot_xip(snap.s) AS x
-         WHERE x::text::bigint % 4294967296 NOT IN (
-               SELECT l.transactionid::text::bigint FROM pg_locks l
-                WHERE l.locktype = 'transactionid' AND l.granted AND l.pid IS NOT NULL
+         WHERE NOT EXISTS (
+               SELECT 1 FROM locks l
+                WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted
+                  AND l.pid IS NOT NULL
+                  AND l.transactionid::text::bigint = x::text::bigint % 4294967296
                   AND NOT EXISTS (
-                      SELECT 1 FROM pg_locks w
+                      SELECT 1 FROM locks w
                        WHERE w.pid = l.pid AND w.locktype = 'advisory' AND w.granted
                          AND w.classid = 8106 AND w.objid = 0 AND w.objsubid = 2
                          AND w.database = (SELECT oid FROM pg_database
-                                            WHERE datname = current_database())))))
+                                            WHERE datname = current_database()))
+                  AND pg_xact_status(x) = 'in progress')))
    FROM (SELECT pg_current_snapshot() AS s) AS snap)";
 
 /// Which partition of `partitions` (a power of two) an event whose `key_hash` column is

@@ -2,6 +2,7 @@
 //! applier per projection across processes, takeover, and read models equal to the log's fold
 //! under random interleavings of commands.
 
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use aggregates::inventory::{Product, ProductCommand};
@@ -534,4 +535,137 @@ async fn transactions_that_never_write_events_do_not_hold_consumers_back() {
     assert_eq!(products["items"].as_array().map(Vec::len), Some(6));
     here.rollback().await.unwrap();
     idle.rollback().await.unwrap();
+}
+
+/// For `seconds`: writers on eight connections commit one-event transactions as fast as they
+/// can, each also updating one hot row, while two sessions that never write events update the
+/// same row in a loop (so they keep waiting for writers' transactions, as a lease renewal waits
+/// for a page holding its checkpoint row). Answers how many events were written.
+async fn race_writers(app: &TestApp, seconds: u64) -> usize {
+    sqlx::raw_sql("CREATE TABLE race_hot (n bigint NOT NULL); INSERT INTO race_hot VALUES (0)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(seconds);
+    let bystanders = join_all((0..2).map(|_| {
+        let pool = app.pool.clone();
+        async move {
+            while std::time::Instant::now() < until {
+                sqlx::query("UPDATE race_hot SET n = n + 1")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
+    }));
+    let writers = join_all((0..8).map(|w| {
+        let pool = app.pool.clone();
+        async move {
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                let mut tx = event_store::locks::begin_writer(&pool).await.unwrap();
+                sqlx::query(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                     VALUES ('race', $1, 1, 'Ticked', '1', '{}', '{}')",
+                )
+                .bind(format!("w{w}-{n}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                if n % 4 == 0 {
+                    sqlx::query("UPDATE race_hot SET n = n + 1")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+                n += 1;
+            }
+            n
+        }
+    }));
+    let (written, ()) = tokio::join!(writers, async {
+        bystanders.await;
+    });
+    written.into_iter().sum()
+}
+
+/// Follows one partition as a worker does (pages after the cursor; when none, the tail: an
+/// idle partition moves its cursor past other partitions' events) until `done` and caught up;
+/// answers the positions it read.
+async fn race_reader(app: &TestApp, partition: u32, done: &AtomicBool) -> Vec<i64> {
+    use event_log::reader::{self, Tail};
+    let mut conn = app.pool.acquire().await.unwrap();
+    let mut cursor = event_log::Cursor::default();
+    let mut seen = Vec::new();
+    let mut quiet = 0;
+    while quiet < 20 {
+        let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+        let page = reader::read_partition(&mut conn, 16, partition, cursor, 100)
+            .await
+            .unwrap();
+        if let Some(last) = page.last() {
+            cursor = last.cursor();
+            seen.extend(page.iter().map(|e| e.position));
+            continue;
+        }
+        match reader::partition_tail(&mut conn, 16, partition, cursor)
+            .await
+            .unwrap()
+        {
+            Tail::Nothing {
+                passed: Some(passed),
+            } => cursor = passed,
+            Tail::Nothing { passed: None } if finished => quiet += 1,
+            _ => {}
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_racing_many_short_writers_never_pass_an_event() {
+    let app = TestApp::spawn_with(Parts {
+        api: true,
+        ..Parts::NONE
+    })
+    .await;
+    let done = AtomicBool::new(false);
+    let app = &app;
+    let done = &done;
+    let writing = async {
+        let n = race_writers(app, 6).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        n
+    };
+    // Four of the sixteen partitions, a connection each beside the writers' and bystanders'.
+    let reading = join_all((0..4).map(|p| race_reader(app, p, done)));
+    let (written, seen) = tokio::join!(writing, reading);
+    let mut all: Vec<i64> = seen.into_iter().flatten().collect();
+    all.sort_unstable();
+    let read = all.len();
+    all.dedup();
+    assert_eq!(all.len(), read, "an event was read twice");
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(usize::try_from(total).unwrap(), written);
+    let logged: Vec<i64> = sqlx::query_scalar(
+        "SELECT position FROM events WHERE (key_hash & 15) < 4 ORDER BY position",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let missed: Vec<&i64> = logged
+        .iter()
+        .filter(|p| all.binary_search(p).is_err())
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} of {} events were passed over: {:?}",
+        missed.len(),
+        logged.len(),
+        &missed[..missed.len().min(10)]
+    );
 }
