@@ -213,11 +213,13 @@ impl LogEvent {
 /// transactions in other databases, an idle `psql`, a projection's page, a lease renewal.
 /// Prepared transactions (no backend) are never passed over.
 ///
-/// Until 2026-12-06 any granted lock on a transaction id counted as that transaction's: a
-/// non-writer that had just waited for a writer (a lease renewal waiting for a page holding its
-/// checkpoint row) holds a `ShareLock` on the writer's id for an instant after the writer
-/// commits, and a reader that looked then passed the writer's events over. The three-process
-/// test caught one such event, never applied by a projection.
+/// Until 2026-12-06 any granted lock on a transaction id counted as that transaction's, and the
+/// lock table was read twice. The three-process test then caught one event a projection never
+/// applied. The likely way: a non-writer that has just waited for a writer (a lease renewal
+/// waiting for a page that holds its checkpoint row) holds a `ShareLock` on the writer's id for
+/// an instant after the writer commits, and a reader that looked then passed the writer's
+/// events over; a writer that ended between the two reads of the lock table was passed over
+/// too.
 pub const HORIZON_SQL: &str = "(WITH locks AS MATERIALIZED (
         SELECT locktype, transactionid, mode, pid, granted, classid, objid, objsubid, database
           FROM pg_locks)
