@@ -2,14 +2,14 @@
 //! `(class, key)` keep each kind of lock in a key space of its own, so an aggregate's write lock
 //! can never collide with a rebuild's. A new kind of lock gets a class here, nowhere else.
 //! (Class 8102 was the log consumers' lease until leases became rows of `checkpoints` with a
-//! fencing token, ADR 10; it stays unused so old and new processes never mistake each other.)
+//! fencing token, ADR 10, and 8105 a saga's gateway call in flight until calls were claimed by
+//! rows of `sagas`, ADR 7; both stay unused so old and new processes never mistake each other.)
 //!
 //! | class | what | scope | key |
 //! |---|---|---|---|
 //! | [`IDEMPOTENCY`] | one HTTP command per `(principal, Idempotency-Key)` | transaction | `hashtext` |
 //! | [`REBUILD`] | one rebuild or comparison of a projection | session | `hashtext(projection)` |
 //! | [`WRITE`] | appending to one aggregate | transaction | [`write_lock_key`] |
-//! | [`GATEWAY_CALL`] | the gateway call of one saga in flight | session | `hashtext(order id)` |
 //! | [`WRITER`] | this transaction appends events (shared; readers wait only for these) | transaction | `0` |
 
 use sqlx::PgConnection;
@@ -20,8 +20,6 @@ pub const IDEMPOTENCY: i32 = 8101;
 pub const REBUILD: i32 = 8103;
 /// Class of aggregate write locks.
 pub const WRITE: i32 = 8104;
-/// Class of the lock on a saga whose gateway call is in flight.
-pub const GATEWAY_CALL: i32 = 8105;
 /// Class of the shared lock every transaction that appends events holds from before it has a
 /// transaction id ([`announce_writer`]); the log's horizon waits only for its holders.
 pub const WRITER: i32 = 8106;
@@ -115,7 +113,7 @@ mod tests {
 
     #[test]
     fn the_classes_are_distinct() {
-        let mut classes = [IDEMPOTENCY, REBUILD, WRITE, GATEWAY_CALL, WRITER];
+        let mut classes = [IDEMPOTENCY, REBUILD, WRITE, WRITER];
         classes.sort_unstable();
         assert!(classes.windows(2).all(|w| w[0] != w[1]));
     }

@@ -388,10 +388,14 @@ impl Application {
         }
         let subscriptions =
             (!consumers.is_empty()).then(|| Subscriptions::spawn(&self.pool, consumers, &runner));
-        let worker = self
-            .parts
-            .sagas
-            .then(|| GatewayWorker::spawn(store, self.gateway.clone(), self.saga.clone()));
+        let worker = self.parts.sagas.then(|| {
+            GatewayWorker::spawn(
+                store,
+                self.gateway.clone(),
+                self.saga.clone(),
+                runner.owner.clone(),
+            )
+        });
         let live = self.live;
         let served = match self.listener {
             Some(listener) => {

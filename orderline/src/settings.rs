@@ -56,6 +56,12 @@ pub struct Settings {
     pub pool_size: u32,
     /// The payment provider (`ORDERLINE_PAYMENT_GATEWAY`).
     pub gateway: Gateway,
+    /// How much longer the simulated provider takes to answer each call
+    /// (`ORDERLINE_SIMULATED_GATEWAY_LATENCY_MS`, default 0): a real provider's round trip.
+    pub gateway_latency: std::time::Duration,
+    /// Gateway calls in flight at once per process (`ORDERLINE_GATEWAY_CONCURRENCY`, default
+    /// 256); a call holds a claim row, not a connection.
+    pub gateway_concurrency: usize,
     /// How long an order's payment authorization may take, retries included, before the order
     /// is rejected with `payment_failed` (`ORDERLINE_AUTHORIZATION_DEADLINE_SECS`).
     pub authorization_deadline: std::time::Duration,
@@ -176,6 +182,29 @@ impl Settings {
                 })
             }
         };
+        let gateway_latency = match get("ORDERLINE_SIMULATED_GATEWAY_LATENCY_MS") {
+            Some(raw) => raw
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= 60_000)
+                .map(std::time::Duration::from_millis)
+                .ok_or_else(|| SettingsError {
+                    name: "ORDERLINE_SIMULATED_GATEWAY_LATENCY_MS",
+                    problem: "must be a number of milliseconds from 0 to 60000".into(),
+                })?,
+            None => std::time::Duration::ZERO,
+        };
+        let gateway_concurrency = match get("ORDERLINE_GATEWAY_CONCURRENCY") {
+            Some(raw) => raw
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=10_000).contains(n))
+                .ok_or_else(|| SettingsError {
+                    name: "ORDERLINE_GATEWAY_CONCURRENCY",
+                    problem: "must be a number from 1 to 10000".into(),
+                })?,
+            None => 256,
+        };
         let authorization_deadline = match get("ORDERLINE_AUTHORIZATION_DEADLINE_SECS") {
             Some(raw) => raw
                 .parse::<u64>()
@@ -268,6 +297,8 @@ impl Settings {
             jwt_secret_is_default,
             pool_size,
             gateway,
+            gateway_latency,
+            gateway_concurrency,
             authorization_deadline,
             kafka,
             smtp,

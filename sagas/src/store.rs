@@ -107,28 +107,161 @@ pub async fn save(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<(
     .map(drop)
 }
 
-/// Orders whose pending gateway call is due, most overdue first.
+/// A due saga this process claimed for its gateway call: the claim's fencing token, and the
+/// saga as it was when claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The fencing token of the claim: one more on every claim of the saga.
+    pub token: i64,
+    /// The saga.
+    pub saga: Fulfillment,
+}
+
+/// Claims up to `limit` sagas whose gateway call is due and that nobody holds a live claim on,
+/// most overdue first, for `owner` for `ttl`, in one statement. Rows a transaction has locked
+/// (a page moving the saga) are passed over.
 ///
 /// # Errors
 /// The database error, if any.
-pub async fn due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<OrderId>> {
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT order_id FROM sagas WHERE due_at <= now() ORDER BY due_at LIMIT $1",
+pub async fn claim(
+    pool: &PgPool,
+    owner: &str,
+    ttl: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Claimed>> {
+    let rows: Vec<(i64, sqlx::types::Json<Fulfillment>)> = sqlx::query_as(
+        "UPDATE sagas s
+            SET claim_owner = $1, claim_token = s.claim_token + 1,
+                claim_until = clock_timestamp() + make_interval(secs => $2)
+          WHERE s.order_id IN (
+                SELECT order_id FROM sagas
+                 WHERE due_at <= now()
+                   AND (claim_until IS NULL OR claim_until < clock_timestamp())
+                 ORDER BY due_at
+                 LIMIT $3
+                   FOR UPDATE SKIP LOCKED)
+      RETURNING s.claim_token, s.data",
     )
+    .bind(owner)
+    .bind(ttl.as_secs_f64())
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    Ok(ids.into_iter().map(OrderId::from).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(token, json)| Claimed {
+            token,
+            saga: json.0,
+        })
+        .collect())
 }
 
-/// When the next call falls due, if any is pending.
+/// Extends `owner`'s claims `held` (order and token) by `ttl` from now, in one statement;
+/// answers how many it extended (a claim taken over, or a row locked right now, is not).
+///
+/// # Errors
+/// The database error, if any.
+pub async fn renew_claims(
+    pool: &PgPool,
+    owner: &str,
+    held: &[(OrderId, i64)],
+    ttl: std::time::Duration,
+) -> sqlx::Result<u64> {
+    if held.is_empty() {
+        return Ok(0);
+    }
+    let (ids, tokens): (Vec<Uuid>, Vec<i64>) = held
+        .iter()
+        .map(|(id, token)| (id.as_uuid(), *token))
+        .unzip();
+    // Rows a transaction has locked (a page moving the saga, or this worker recording an
+    // answer) are passed over until the next round rather than waited for: a renewal waiting
+    // while it holds other rows it renewed would close a cycle with those transactions, and
+    // Postgres would break it by aborting one, perhaps a step whose call was made.
+    let renewed = sqlx::query(
+        "UPDATE sagas s SET claim_until = clock_timestamp() + make_interval(secs => $4)
+          WHERE s.order_id IN (
+                SELECT r.order_id FROM sagas r
+                  JOIN unnest($2::uuid[], $3::int8[]) AS held(order_id, token)
+                    ON r.order_id = held.order_id AND r.claim_token = held.token
+                 WHERE r.claim_owner = $1
+                   FOR UPDATE OF r SKIP LOCKED)",
+    )
+    .bind(owner)
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(ttl.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected())
+}
+
+/// Lets go of a claim without recording anything (the step failed): the saga can be claimed
+/// again at once. A claim taken over already is left alone.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn release_claim(pool: &PgPool, order_id: OrderId, token: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE sagas SET claim_owner = NULL, claim_until = NULL
+          WHERE order_id = $1 AND claim_token = $2",
+    )
+    .bind(order_id.as_uuid())
+    .bind(token)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Reads a saga and locks its row until the transaction ends, if the claim with `token` is
+/// still on it; `None` when the saga is gone or its claim was taken over (the caller's answer
+/// is not recorded: the new claimant asks again with the same key).
+///
+/// # Errors
+/// As [`lock`].
+pub async fn lock_claimed(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    token: i64,
+) -> sqlx::Result<Option<Fulfillment>> {
+    let row: Option<sqlx::types::Json<Fulfillment>> = sqlx::query_scalar(
+        "SELECT data FROM sagas WHERE order_id = $1 AND claim_token = $2 FOR UPDATE",
+    )
+    .bind(order_id.as_uuid())
+    .bind(token)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|json| json.0))
+}
+
+/// Writes a claimed saga back and ends its claim, in the transaction of [`lock_claimed`].
+///
+/// # Errors
+/// The database error, if any.
+pub async fn save_claimed(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<()> {
+    write(
+        conn,
+        "UPDATE sagas SET state = $2, due_at = $3, deadline = $4, data = $5, updated_at = now(),
+                          claim_owner = NULL, claim_until = NULL
+          WHERE order_id = $1",
+        saga,
+    )
+    .await
+    .map(drop)
+}
+
+/// When the next gateway call can be claimed (due, and any claim on it expired), if any is
+/// pending.
 ///
 /// # Errors
 /// The database error, if any.
 pub async fn next_due(pool: &PgPool) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar("SELECT min(due_at) FROM sagas")
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT min(greatest(due_at, coalesce(claim_until, due_at))) FROM sagas
+          WHERE due_at IS NOT NULL",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// One saga as operators see it.

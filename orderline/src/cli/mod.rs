@@ -44,6 +44,8 @@ pub enum Cmd {
         "  ORDERLINE_JWT_SECRET  HS256 token secret, at least 32 bytes [default: a development secret]\n",
         "  ORDERLINE_CORS_ORIGINS  browser origins allowed to call the API, comma-separated [default: none]\n",
         "  ORDERLINE_PAYMENT_GATEWAY  simulated | stripe [default: simulated]\n",
+        "  ORDERLINE_SIMULATED_GATEWAY_LATENCY_MS  added to each simulated provider answer [default: 0]\n",
+        "  ORDERLINE_GATEWAY_CONCURRENCY  gateway calls in flight per process [default: 256]\n",
         "  ORDERLINE_STRIPE_BASE_URL, ORDERLINE_STRIPE_API_KEY  the Stripe-style API (with stripe)\n",
         "  ORDERLINE_AUTHORIZATION_DEADLINE_SECS  how long authorizing may take [default: 60]\n",
         "  ORDERLINE_LOG_PARTITIONS  partitions of every log consumer, a power of two [default: 16]\n",

@@ -76,7 +76,9 @@ pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> an
     database::migrate(&pool).await?;
     let keys = TokenKeys::hs256(settings.jwt_secret.expose().as_bytes());
     let gateway: Arc<dyn PaymentGateway> = match &settings.gateway {
-        Gateway::Simulated => Arc::new(SimulatedGateway::new(pool.clone())),
+        Gateway::Simulated => {
+            Arc::new(SimulatedGateway::new(pool.clone()).with_latency(settings.gateway_latency))
+        }
         Gateway::Stripe { base_url, api_key } => Arc::new(
             StripeGateway::new(StripeConfig {
                 base_url: base_url.clone(),
@@ -92,6 +94,7 @@ pub async fn serve(settings: Settings, only: Option<Part>, signal: Signal) -> an
                 .context("ORDERLINE_AUTHORIZATION_DEADLINE_SECS is out of range")?,
             ..Timing::default()
         },
+        concurrency: settings.gateway_concurrency,
         ..SagaConfig::default()
     };
     let mut app = Application::new(settings.addr, pool.clone(), keys, parts)

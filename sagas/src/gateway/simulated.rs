@@ -8,7 +8,9 @@
 //! | `tok_flaky` | the first two calls with a key fail temporarily, the third authorizes |
 //! | `tok_slow` | authorized after 2 s |
 //!
-//! Any other token is refused for good. Like a real provider it keeps what it did, here in the
+//! Any other token is refused for good. Every answer can be made to take a fixed time on top
+//! ([`SimulatedGateway::with_latency`], `ORDERLINE_SIMULATED_GATEWAY_LATENCY_MS`), to model a
+//! real provider's round trip in benchmarks and tests. Like a real provider it keeps what it did, here in the
 //! `simulated_gateway_operations` table: the same key gets the same outcome again, outcomes can be
 //! asked for by key, and that memory survives a restart of the caller.
 
@@ -26,6 +28,7 @@ use super::{Authorization, GatewayError, PaymentGateway};
 pub struct SimulatedGateway {
     pool: PgPool,
     slow: Duration,
+    latency: Duration,
 }
 
 /// Prefix of the references it gives out; the rest is the authorization's key.
@@ -37,6 +40,21 @@ impl SimulatedGateway {
         Self {
             pool,
             slow: Duration::from_secs(2),
+            latency: Duration::ZERO,
+        }
+    }
+
+    /// The same gateway, taking `latency` longer to answer every call (a provider's round trip).
+    #[must_use]
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Waits out the configured latency, as a provider's round trip would.
+    async fn round_trip(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
         }
     }
 
@@ -180,6 +198,7 @@ impl PaymentGateway for SimulatedGateway {
         token: &PaymentToken,
         amount: Money,
     ) -> Result<Authorization, GatewayError> {
+        self.round_trip().await;
         let (calls, outcome) = self.call(key, "authorize", token.as_str(), amount).await?;
         if let Some(outcome) = outcome {
             return read(outcome);
@@ -225,6 +244,7 @@ impl PaymentGateway for SimulatedGateway {
     }
 
     async fn retrieve(&self, key: &str) -> Result<Option<Authorization>, GatewayError> {
+        self.round_trip().await;
         let outcome: Option<Option<Value>> = sqlx::query_scalar(
             "SELECT outcome FROM simulated_gateway_operations
               WHERE idempotency_key = $1 AND operation = 'authorize'",
@@ -237,6 +257,7 @@ impl PaymentGateway for SimulatedGateway {
     }
 
     async fn capture(&self, key: &str, reference: &str, amount: Money) -> Result<(), GatewayError> {
+        self.round_trip().await;
         let wanted = amount.amount_minor();
         self.settle(key, "capture", reference, amount, |held| {
             if held.voided {
@@ -254,6 +275,7 @@ impl PaymentGateway for SimulatedGateway {
     }
 
     async fn void(&self, key: &str, reference: &str) -> Result<(), GatewayError> {
+        self.round_trip().await;
         let nothing = Money::zero(
             aggregates::values::Currency::parse("EUR")
                 .map_err(|e| GatewayError::Permanent(e.to_string()))?,
@@ -269,6 +291,7 @@ impl PaymentGateway for SimulatedGateway {
     }
 
     async fn refund(&self, key: &str, reference: &str, amount: Money) -> Result<(), GatewayError> {
+        self.round_trip().await;
         let wanted = amount.amount_minor();
         self.settle(key, "refund", reference, amount, |held| {
             if held.refunded + wanted > held.captured {

@@ -8,10 +8,11 @@
 //!   together, so a step is done exactly once whatever crashes.
 //! - [`GatewayWorker`] makes the gateway calls sagas wait on, when due. A call cannot be inside
 //!   a transaction (it is slow, and an open transaction would hold back every log reader), so the
-//!   worker holds a session advisory lock on the saga while it calls, then records the answer
-//!   and the commands that follow in one transaction. If it dies in between, the lock goes with
-//!   its connection and the call is made again with the same idempotency key: the provider
-//!   answers as before and charges nothing twice.
+//!   worker claims the saga's row (owner, fencing token, expiry, renewed while the call runs),
+//!   calls holding no connection, then records the answer and the commands that follow in one
+//!   transaction, if its token is still on the row. If it dies in between, the claim expires and
+//!   the call is made again with the same idempotency key: the provider answers as before and
+//!   charges nothing twice.
 //!
 //! Both drive the saga the same way (`drive` here): ask it for the next action, perform the
 //! aggregate command in the caller's transaction, report the outcome, until it waits.
@@ -37,7 +38,7 @@ mod consumer;
 mod worker;
 
 pub use consumer::FulfillmentConsumer;
-pub use worker::GatewayWorker;
+pub use worker::{GatewayWorker, CLAIM_TTL, POOL_CONNECTIONS as GATEWAY_POOL_CONNECTIONS};
 
 /// The consumer name (checkpoint and lease key) of the saga.
 pub const CONSUMER_NAME: &str = "fulfillment";
@@ -50,7 +51,8 @@ pub const DUE_CHANNEL: &str = "orderline_saga_due";
 pub struct SagaConfig {
     /// Deadlines, retries and when to give up.
     pub timing: Timing,
-    /// Gateway calls in flight at once in this process (each holds a connection).
+    /// Gateway calls in flight at once in this process (`ORDERLINE_GATEWAY_CONCURRENCY`). A call
+    /// holds no connection, only its claim row, so this is independent of the pool's size.
     pub concurrency: usize,
     /// Longest sleep of the gateway worker when no NOTIFY arrives.
     pub idle_poll: Duration,
@@ -60,7 +62,7 @@ impl Default for SagaConfig {
     fn default() -> Self {
         Self {
             timing: Timing::default(),
-            concurrency: 8,
+            concurrency: 256,
             idle_poll: Duration::from_millis(500),
         }
     }

@@ -1,13 +1,16 @@
-//! The gateway worker: makes the payment-gateway calls sagas wait on when they are due, one
-//! saga at a time under its call lock, and records each answer with the commands that follow.
+//! The gateway worker: makes the payment-gateway calls sagas wait on when they are due. A call
+//! in flight is claimed by a row (owner, fencing token, expiry), not held by a connection: the
+//! worker claims due sagas in one statement, calls with no connection held, renews its claims
+//! while calls run, and records each answer, with the commands that follow, only while its
+//! token is still on the row.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
@@ -20,7 +23,15 @@ use event_store::{locks, EventStore};
 use super::{drive, SagaConfig, Work, DUE_CHANNEL};
 use crate::fulfillment::{Fulfillment, GatewayAnswer, GatewayOp};
 use crate::gateway::{GatewayError, PaymentGateway};
-use crate::store;
+use crate::store::{self, Claimed};
+
+/// How long a claim runs unless renewed: how soon another process makes the call of one that
+/// died or froze. Renewed every third of it while the call runs.
+pub const CLAIM_TTL: Duration = Duration::from_secs(6);
+
+/// Connections of the worker's own pool: claims, renewals and the recording of answers are
+/// short statements, so a few serve any number of calls in flight.
+pub const POOL_CONNECTIONS: u32 = 4;
 
 /// The gateway worker running in this process; [`GatewayWorker::shutdown`] stops it.
 pub struct GatewayWorker {
@@ -32,16 +43,25 @@ struct Worker {
     pool: PgPool,
     gateway: Arc<dyn PaymentGateway>,
     config: SagaConfig,
-    in_flight: Mutex<HashSet<OrderId>>,
+    /// The name claims are taken under (`host:pid:random`, as lease owners).
+    owner: String,
+    /// Claims in flight here, by order: their tokens, renewed together.
+    in_flight: Mutex<HashMap<OrderId, i64>>,
 }
 
 impl GatewayWorker {
-    /// Starts the worker. It opens its own connections (up to `config.concurrency + 1`) to
-    /// `store`'s database, so calls in flight never starve the API's pool.
-    pub fn spawn(store: EventStore, gateway: Arc<dyn PaymentGateway>, config: SagaConfig) -> Self {
+    /// Starts the worker under `owner`. It opens its own pool of [`POOL_CONNECTIONS`] to
+    /// `store`'s database, whatever `config.concurrency` (calls in flight) is, so calls never
+    /// starve the API's pool.
+    pub fn spawn(
+        store: EventStore,
+        gateway: Arc<dyn PaymentGateway>,
+        config: SagaConfig,
+        owner: String,
+    ) -> Self {
         let options = (*store.pool().connect_options()).clone();
         let pool = PgPoolOptions::new()
-            .max_connections(u32::try_from(config.concurrency + 1).unwrap_or(u32::MAX))
+            .max_connections(POOL_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options);
         let (stop, stopped) = watch::channel(false);
@@ -49,7 +69,8 @@ impl GatewayWorker {
             pool,
             gateway,
             config,
-            in_flight: Mutex::new(HashSet::new()),
+            owner,
+            in_flight: Mutex::new(HashMap::new()),
         });
         Self {
             task: tokio::spawn(worker.run(stopped)),
@@ -57,7 +78,7 @@ impl GatewayWorker {
         }
     }
 
-    /// Stops taking calls, lets the calls in flight finish, and returns.
+    /// Stops taking calls, lets the calls in flight finish and record, and returns.
     pub async fn shutdown(self) {
         self.stop.send_replace(true);
         if let Err(e) = self.task.await {
@@ -82,14 +103,19 @@ impl Worker {
             }
         };
         let mut tasks = JoinSet::new();
+        let mut renew = tokio::time::interval(CLAIM_TTL / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !*stopped.borrow() {
             let free = self.config.concurrency.saturating_sub(tasks.len());
             let mut wait = self.config.idle_poll;
             if free > 0 {
-                match self.claimable(free).await {
-                    Ok(ids) if !ids.is_empty() => {
-                        for id in ids {
-                            tasks.spawn(self.clone().work(id));
+                let limit = i64::try_from(free).unwrap_or(i64::MAX);
+                match store::claim(&self.pool, &self.owner, CLAIM_TTL, limit).await {
+                    Ok(claimed) if !claimed.is_empty() => {
+                        let mut in_flight = self.in_flight();
+                        for claim in claimed {
+                            in_flight.insert(claim.saga.order_id(), claim.token);
+                            tasks.spawn(self.clone().work(claim));
                         }
                         continue;
                     }
@@ -99,63 +125,60 @@ impl Worker {
                             wait = wait.min(until.max(Duration::from_millis(5)));
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read due sagas"),
+                    Err(e) => tracing::warn!(error = %e, "cannot claim due sagas"),
                 }
             }
             tokio::select! {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = notified(listener.as_mut()) => {}
                 _ = stopped.changed() => {}
+                _ = renew.tick() => self.renew().await,
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        while tasks.join_next().await.is_some() {}
+        // Calls in flight finish and record; their claims are renewed meanwhile.
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => if joined.is_none() { break },
+                _ = renew.tick() => self.renew().await,
+            }
+        }
     }
 
-    /// Due sagas not already in flight here, at most `free`; marks them in flight.
-    async fn claimable(&self, free: usize) -> sqlx::Result<Vec<OrderId>> {
-        let due = store::due(&self.pool, i64::try_from(free * 2).unwrap_or(64)).await?;
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(due
-            .into_iter()
-            .filter(|id| in_flight.insert(*id))
-            .take(free)
-            .collect())
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, i64>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn work(self: Arc<Self>, order_id: OrderId) {
-        if let Err(e) = self.work_locked(order_id).await {
+    /// Extends every claim in flight here, in one statement.
+    async fn renew(&self) {
+        let held: Vec<(OrderId, i64)> = self.in_flight().iter().map(|(k, v)| (*k, *v)).collect();
+        if let Err(e) = store::renew_claims(&self.pool, &self.owner, &held, CLAIM_TTL).await {
+            tracing::warn!(error = %e, "cannot renew the gateway claims");
+        }
+    }
+
+    async fn work(self: Arc<Self>, claim: Claimed) {
+        let order_id = claim.saga.order_id();
+        let token = claim.token;
+        if let Err(e) = self.step(claim).await {
             tracing::warn!(%order_id, error = %e, "gateway step failed; it will be retried");
+            if let Err(e) = store::release_claim(&self.pool, order_id, token).await {
+                tracing::warn!(%order_id, error = %e, "cannot release the claim; it expires");
+            }
         }
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        in_flight.remove(&order_id);
+        self.in_flight().remove(&order_id);
     }
 
-    /// Takes the saga's call lock, does its step, and lets go of the lock.
-    async fn work_locked(&self, order_id: OrderId) -> Result<(), ConsumerError> {
-        let mut conn = self.pool.acquire().await?;
-        let key = order_id.to_string();
-        if !locks::try_session(&mut conn, locks::GATEWAY_CALL, &key).await? {
-            // Another process is calling for this saga.
-            return Ok(());
-        }
-        let result = self.step(&mut conn, order_id).await;
-        let unlocked = locks::unlock_session(&mut conn, locks::GATEWAY_CALL, &key).await;
-        if !matches!(unlocked, Ok(true)) {
-            // Closing the connection releases the lock for sure.
-            drop(conn.detach());
-        }
-        result
-    }
-
-    async fn step(&self, conn: &mut PgConnection, order_id: OrderId) -> Result<(), ConsumerError> {
+    /// Makes the claimed saga's pending call, holding no connection, then records the answer
+    /// and drives the saga on, if the claim is still ours.
+    async fn step(&self, claim: Claimed) -> Result<(), ConsumerError> {
         let timing = &self.config.timing;
-        let Some(mut saga) = store::read(conn, order_id).await? else {
-            return Ok(());
-        };
+        let Claimed { token, mut saga } = claim;
+        let order_id = saga.order_id();
         let now = Utc::now();
         if saga.due().is_none_or(|due| due > now) {
-            // Done or rescheduled by someone else since it was listed.
+            // Rescheduled by a page since it was claimed.
+            store::release_claim(&self.pool, order_id, token).await?;
             return Ok(());
         }
         let op = saga.pending_call(now);
@@ -171,17 +194,16 @@ impl Worker {
             }
             None => None,
         };
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        // Recording the answer may append events: announce before the saga row is locked.
-        locks::announce_writer(&mut tx).await?;
+        let mut tx = locks::begin_writer(&self.pool).await?;
         // Everything the saga may command, then its row, locked before the first write in the
         // one lock order of every saga path (`Work::lock`): the consumer's pages take the same.
-        // Its lines never change, so the copy read before the call names the SKUs.
+        // Its lines never change, so the copy claimed names the SKUs.
         let mut work = Work::new();
         let skus: Vec<&str> = saga.skus().collect();
         let order = order_id.to_string();
         work.lock(&mut tx, &skus, &[order.as_str()]).await?;
-        let Some(mut saga) = store::lock(&mut tx, order_id).await? else {
+        let Some(mut saga) = store::lock_claimed(&mut tx, order_id, token).await? else {
+            tracing::warn!(%order_id, token, "the claim was taken over during the call; its answer is not recorded");
             return Ok(());
         };
         if let Some((op, answer)) = answer {
@@ -189,7 +211,7 @@ impl Worker {
             saga.on_gateway(op, answer, timing, Utc::now());
         }
         drive(&mut work, &mut tx, &mut saga, timing).await?;
-        store::save(&mut tx, &saga).await?;
+        store::save_claimed(&mut tx, &saga).await?;
         tx.commit().await?;
         crash::point("after_gateway_record");
         Ok(())
