@@ -30,8 +30,10 @@ use crate::store::{self, Claimed};
 pub const CLAIM_TTL: Duration = Duration::from_secs(6);
 
 /// Connections of the worker's own pool: claims, renewals and the recording of answers are
-/// short statements, so a few serve any number of calls in flight.
-pub const POOL_CONNECTIONS: u32 = 4;
+/// short statements, so a few serve any number of calls in flight. Recording waits for the
+/// SKUs' locks behind the saga's pages; with 4 the saga confirmed about a quarter fewer orders
+/// per second in the fulfillment bench than with 8.
+pub const POOL_CONNECTIONS: u32 = 8;
 
 /// The gateway worker running in this process; [`GatewayWorker::shutdown`] stops it.
 pub struct GatewayWorker {
