@@ -850,15 +850,7 @@ impl Worker {
     ) -> Result<(Step, Cursor), Failure> {
         let name = self.consumer.name();
         let partition = self.lease.partition;
-        if !page.is_empty() {
-            if let Err(e) = self.consumer.deliver(&page).await {
-                return Err(Failure::consumer(&e, page));
-            }
-        }
-        let mut tx = self
-            .begin(!page.is_empty())
-            .await
-            .map_err(|e| Failure::database(&e))?;
+        let (page, mut tx) = self.deliver_and_begin(page).await?;
         crash::pause(&format!("before_page_lock:{name}")).await;
         self.freeze.thaw().await;
         let held = checkpoints::lock_if_at(&mut tx, name, cursor, self.lease, self.parked_version)
@@ -920,6 +912,24 @@ impl Worker {
                 "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}{announce}"
             ))
             .await
+    }
+
+    /// Hands a non-empty `page` to the consumer's outside world ([`Consumer::deliver`]), then
+    /// begins the transaction that applies it ([`Worker::begin`]).
+    async fn deliver_and_begin(
+        &self,
+        page: Vec<LogEvent>,
+    ) -> Result<(Vec<LogEvent>, sqlx::Transaction<'static, sqlx::Postgres>), Failure> {
+        if !page.is_empty() {
+            if let Err(e) = self.consumer.deliver(&page).await {
+                return Err(Failure::consumer(&e, page));
+            }
+        }
+        let tx = self
+            .begin(!page.is_empty())
+            .await
+            .map_err(|e| Failure::database(&e))?;
+        Ok((page, tx))
     }
 
     /// Parks the key of the event `failure` started at (read after `cursor`), and moves the
@@ -999,15 +1009,7 @@ impl Worker {
             } else {
                 None
             };
-            if !page.is_empty() {
-                if let Err(e) = self.consumer.deliver(&page).await {
-                    return Err(Failure::consumer(&e, page));
-                }
-            }
-            let mut tx = self
-                .begin(!page.is_empty())
-                .await
-                .map_err(|e| Failure::database(&e))?;
+            let (page, mut tx) = self.deliver_and_begin(page).await?;
             let held = checkpoints::lock_if_at(
                 &mut tx,
                 &name,

@@ -8,7 +8,7 @@
     reason = "a test that cannot go on should fail loudly"
 )]
 
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use api_common::auth::Role;
@@ -16,8 +16,8 @@ use sqlx::PgPool;
 
 mod support;
 use support::{
-    drop_database, free_port, fresh_database, orderline, place_order, register_product, token,
-    until, wait_ready,
+    drop_database, free_port, fresh_database, orderline, place_order, register_product, signal,
+    token, until, wait_ready,
 };
 
 const PROJECTIONS: [&str; 3] = ["inventory", "orders", "payments"];
@@ -53,14 +53,6 @@ async fn held(pool: &PgPool, child: &Child) -> usize {
 /// Whether the process `child` holds every projection partition's lease.
 async fn owns_all(pool: &PgPool, child: &Child) -> bool {
     held(pool, child).await == PROJECTIONS.len() * PARTITIONS
-}
-
-fn signal(child: &Child, signal: &str) {
-    let sent = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
 }
 
 /// The order's row in the read model, with as many history entries as the order has events.

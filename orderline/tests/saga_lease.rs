@@ -9,7 +9,7 @@
     reason = "a test that cannot go on should fail loudly"
 )]
 
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use api_common::auth::Role;
@@ -17,8 +17,8 @@ use sqlx::PgPool;
 
 mod support;
 use support::{
-    drop_database, free_port, fresh_database, orderline, place_order, register_product, token,
-    until, wait_ready,
+    drop_database, free_port, fresh_database, orderline, place_order, register_product, signal,
+    token, until, wait_ready,
 };
 
 const PARTITIONS: i64 = 16;
@@ -52,14 +52,6 @@ async fn tokens(pool: &PgPool) -> Vec<(i32, i64)> {
     .fetch_all(pool)
     .await
     .unwrap()
-}
-
-fn signal(child: &Child, signal: &str) {
-    let sent = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
 }
 
 /// The API and projections processes, then the saga process `first` (with `first_env`) once it
@@ -117,6 +109,18 @@ async fn confirmed(pool: &PgPool, ids: &[String]) -> i64 {
     .fetch_one(pool)
     .await
     .unwrap()
+}
+
+/// Waits until no saga waits on a gateway call.
+async fn saga_caught_up(pool: &PgPool) {
+    until("the saga catches up", async || {
+        let behind: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE due_at IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        behind == 0
+    })
+    .await;
 }
 
 /// Every order among `ids` confirmed once, each of its two lines reserved once, its payment
@@ -233,14 +237,7 @@ async fn a_frozen_saga_process_loses_its_partitions_and_its_pending_page_is_refu
     )
     .await;
     let all: Vec<String> = orders.into_iter().chain(more).collect();
-    until("the saga catches up", async || {
-        let behind: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE due_at IS NOT NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        behind == 0
-    })
-    .await;
+    saga_caught_up(&pool).await;
     exactly_once(&pool, &all, true).await;
     stop_all(&mut children);
     pool.close().await;
@@ -288,14 +285,7 @@ async fn cutting_every_connection_of_a_saga_process_under_load_applies_nothing_t
         confirmed(&pool, &orders).await == 30
     })
     .await;
-    until("the saga catches up", async || {
-        let behind: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE due_at IS NOT NULL")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        behind == 0
-    })
-    .await;
+    saga_caught_up(&pool).await;
     exactly_once(&pool, &orders, false).await;
     stop_all(&mut children);
     pool.close().await;

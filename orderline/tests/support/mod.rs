@@ -53,3 +53,12 @@ pub async fn place_order(
 pub async fn drop_database(name: &str) {
     testkit::database::drop(name).await.unwrap();
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`, ...) to the process `child`.
+pub fn signal(child: &Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
