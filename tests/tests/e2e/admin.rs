@@ -97,6 +97,12 @@ async fn parked_until(
     panic!("the parked keys of {consumer} did not settle: {items:?}");
 }
 
+/// `POST /api/v1/admin/parked/inventory/{key}/{action}` as `token`.
+async fn parked_action(app: &TestApp, key: &str, action: &str, token: &str) -> reqwest::Response {
+    let path = format!("/api/v1/admin/parked/inventory/{key}/{action}");
+    app.post(&path, Some(token), &json!({}), &[]).await
+}
+
 /// Appends one raw event (as a writer must, announced), bypassing the aggregates.
 async fn append_raw(app: &TestApp, sql: &str) {
     let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
@@ -168,14 +174,7 @@ async fn a_poison_event_parks_its_key_the_others_flow_and_an_operator_retries_th
     );
 
     // A retry while the cause is still there fails again and keeps the key parked.
-    let retried = app
-        .post(
-            "/api/v1/admin/parked/inventory/GHOST/retry",
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let retried = parked_action(&app, "GHOST", "retry", &app.admin()).await;
     assert_eq!(retried.status(), StatusCode::ACCEPTED);
     assert_eq!(json_body(retried).await["action"], "retry");
     parked_until(&app, "inventory", |items| {
@@ -187,23 +186,9 @@ async fn a_poison_event_parks_its_key_the_others_flow_and_an_operator_retries_th
 
     // A customer may not touch it; an unknown key is a 404.
     let customer = app.customer("c1");
-    let refused = app
-        .post(
-            "/api/v1/admin/parked/inventory/GHOST/skip",
-            Some(&customer),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let refused = parked_action(&app, "GHOST", "skip", &customer).await;
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-    let unknown = app
-        .post(
-            "/api/v1/admin/parked/inventory/NOPE/retry",
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let unknown = parked_action(&app, "NOPE", "retry", &app.admin()).await;
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     assert_eq!(
         unknown.headers()["content-type"],
@@ -211,14 +196,7 @@ async fn a_poison_event_parks_its_key_the_others_flow_and_an_operator_retries_th
     );
 
     // Skipping passes over the poison event for good, says so in the log, and applies the rest.
-    let skipped = app
-        .post(
-            "/api/v1/admin/parked/inventory/GHOST/skip",
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let skipped = parked_action(&app, "GHOST", "skip", &app.admin()).await;
     assert_eq!(skipped.status(), StatusCode::ACCEPTED);
     parked_until(&app, "inventory", <[Value]>::is_empty).await;
     let ghost = json_body(app.get("/api/v1/inventory/GHOST", &app.admin()).await).await;
@@ -240,14 +218,7 @@ async fn a_poison_event_parks_its_key_the_others_flow_and_an_operator_retries_th
     assert_eq!(what["event_type"], "Restocked");
     assert_eq!(metadata["actor_role"], "admin");
     assert!(!metadata["actor_sub"].as_str().unwrap().is_empty());
-    let again = app
-        .post(
-            "/api/v1/admin/parked/inventory/GHOST/skip",
-            Some(&app.admin()),
-            &json!({}),
-            &[],
-        )
-        .await;
+    let again = parked_action(&app, "GHOST", "skip", &app.admin()).await;
     assert_eq!(again.status(), StatusCode::NOT_FOUND);
     let body = json_body(app.get("/api/v1/admin/projections", &app.admin()).await).await;
     for item in body["items"].as_array().unwrap() {
