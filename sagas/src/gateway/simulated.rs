@@ -35,8 +35,23 @@ pub struct SimulatedGateway {
 const REFERENCE_PREFIX: &str = "sim_";
 
 impl SimulatedGateway {
-    /// A gateway keeping its records in `pool`'s database.
+    /// Connections of the gateway's own pool.
+    pub const CONNECTIONS: u32 = 4;
+
+    /// A gateway keeping its records in `pool`'s database, through a pool of its own of
+    /// [`SimulatedGateway::CONNECTIONS`] (named `orderline-simulated-gateway:PID`), as a
+    /// provider is a system of its own: hundreds of calls in flight must not take the
+    /// connections of the server that calls it (they did, and starved calls failed and were
+    /// made again). Calls wait for a connection up to 30 s.
     pub fn new(pool: PgPool) -> Self {
+        let options = (*pool.connect_options()).clone().application_name(&format!(
+            "orderline-simulated-gateway:{}",
+            std::process::id()
+        ));
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(Self::CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(options);
         Self {
             pool,
             slow: Duration::from_secs(2),

@@ -29,11 +29,21 @@ use crate::store::{self, Claimed};
 /// died or froze. Renewed every third of it while the call runs.
 pub const CLAIM_TTL: Duration = Duration::from_secs(6);
 
-/// Connections of the worker's own pool: claims, renewals and the recording of answers are
-/// short statements, so a few serve any number of calls in flight. Recording waits for the
-/// SKUs' locks behind the saga's pages; with 4 the saga confirmed about a quarter fewer orders
-/// per second in the fulfillment bench than with 8.
-pub const POOL_CONNECTIONS: u32 = 8;
+/// Connections of the worker's pool for recording answers: a few serve any number of calls in
+/// flight. Recording waits for the SKUs' locks behind the saga's pages; with 4 the saga
+/// confirmed about a quarter fewer orders per second in the fulfillment bench than with 8.
+/// Answers that find them all busy wait their turn (up to two minutes), since giving up would
+/// make the call again.
+pub const RECORD_CONNECTIONS: u32 = 8;
+
+/// Connections of the worker's pool for its own bookkeeping: the LISTEN, claiming, renewing
+/// and releasing claims. Apart from the recording pool, so that answers queueing for a
+/// connection never hold up the renewals that keep their claims alive (a claim that expired
+/// there was taken again and its call made twice).
+pub const CONTROL_CONNECTIONS: u32 = 2;
+
+/// Every connection the worker opens.
+pub const POOL_CONNECTIONS: u32 = RECORD_CONNECTIONS + CONTROL_CONNECTIONS;
 
 /// The gateway worker running in this process; [`GatewayWorker::shutdown`] stops it.
 pub struct GatewayWorker {
@@ -42,7 +52,10 @@ pub struct GatewayWorker {
 }
 
 struct Worker {
+    /// Recording answers.
     pool: PgPool,
+    /// Listening, claiming, renewing, releasing.
+    control: PgPool,
     gateway: Arc<dyn PaymentGateway>,
     config: SagaConfig,
     /// The name claims are taken under (`host:pid:random`, as lease owners).
@@ -63,12 +76,17 @@ impl GatewayWorker {
     ) -> Self {
         let options = (*store.pool().connect_options()).clone();
         let pool = PgPoolOptions::new()
-            .max_connections(POOL_CONNECTIONS)
+            .max_connections(RECORD_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(120))
+            .connect_lazy_with(options.clone());
+        let control = PgPoolOptions::new()
+            .max_connections(CONTROL_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options);
         let (stop, stopped) = watch::channel(false);
         let worker = Arc::new(Worker {
             pool,
+            control,
             gateway,
             config,
             owner,
@@ -91,7 +109,7 @@ impl GatewayWorker {
 
 impl Worker {
     async fn run(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
+        let mut listener = match PgListener::connect_with(&self.control).await {
             Ok(mut l) => match l.listen(DUE_CHANNEL).await {
                 Ok(()) => Some(l),
                 Err(e) => {
@@ -112,7 +130,7 @@ impl Worker {
             let mut wait = self.config.idle_poll;
             if free > 0 {
                 let limit = i64::try_from(free).unwrap_or(i64::MAX);
-                match store::claim(&self.pool, &self.owner, CLAIM_TTL, limit).await {
+                match store::claim(&self.control, &self.owner, CLAIM_TTL, limit).await {
                     Ok(claimed) if !claimed.is_empty() => {
                         let mut in_flight = self.in_flight();
                         for claim in claimed {
@@ -122,7 +140,7 @@ impl Worker {
                         continue;
                     }
                     Ok(_) => {
-                        if let Ok(Some(next)) = store::next_due(&self.pool).await {
+                        if let Ok(Some(next)) = store::next_due(&self.control).await {
                             let until = (next - Utc::now()).to_std().unwrap_or_default();
                             wait = wait.min(until.max(Duration::from_millis(5)));
                         }
@@ -154,7 +172,7 @@ impl Worker {
     /// Extends every claim in flight here, in one statement.
     async fn renew(&self) {
         let held: Vec<(OrderId, i64)> = self.in_flight().iter().map(|(k, v)| (*k, *v)).collect();
-        if let Err(e) = store::renew_claims(&self.pool, &self.owner, &held, CLAIM_TTL).await {
+        if let Err(e) = store::renew_claims(&self.control, &self.owner, &held, CLAIM_TTL).await {
             tracing::warn!(error = %e, "cannot renew the gateway claims");
         }
     }
@@ -164,11 +182,15 @@ impl Worker {
         let token = claim.token;
         if let Err(e) = self.step(claim).await {
             tracing::warn!(%order_id, error = %e, "gateway step failed; it will be retried");
-            if let Err(e) = store::release_claim(&self.pool, order_id, token).await {
+            if let Err(e) = store::release_claim(&self.control, order_id, token).await {
                 tracing::warn!(%order_id, error = %e, "cannot release the claim; it expires");
             }
         }
-        self.in_flight().remove(&order_id);
+        // Only this claim's entry: the saga may have been claimed again for its next call.
+        let mut in_flight = self.in_flight();
+        if in_flight.get(&order_id) == Some(&token) {
+            in_flight.remove(&order_id);
+        }
     }
 
     /// Makes the claimed saga's pending call, holding no connection, then records the answer
@@ -180,7 +202,7 @@ impl Worker {
         let now = Utc::now();
         if saga.due().is_none_or(|due| due > now) {
             // Rescheduled by a page since it was claimed.
-            store::release_claim(&self.pool, order_id, token).await?;
+            store::release_claim(&self.control, order_id, token).await?;
             return Ok(());
         }
         let op = saga.pending_call(now);
