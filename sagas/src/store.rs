@@ -39,57 +39,50 @@ async fn write(conn: &mut PgConnection, sql: &str, saga: &Fulfillment) -> sqlx::
     Ok(done.rows_affected())
 }
 
-/// Reads a saga and locks its row until the transaction ends.
+/// Reads the sagas of `order_ids` that exist, without locking them: their lines never change,
+/// so what a transaction must lock for them can be read before it locks anything.
 ///
 /// # Errors
 /// The database error; a row that does not deserialize is reported as `sqlx::Error::Decode`.
-pub async fn lock(conn: &mut PgConnection, order_id: OrderId) -> sqlx::Result<Option<Fulfillment>> {
-    let row: Option<sqlx::types::Json<Fulfillment>> =
-        sqlx::query_scalar("SELECT data FROM sagas WHERE order_id = $1 FOR UPDATE")
-            .bind(order_id.as_uuid())
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|json| json.0))
+pub async fn read_many(
+    conn: &mut PgConnection,
+    order_ids: &[OrderId],
+) -> sqlx::Result<Vec<Fulfillment>> {
+    many(
+        conn,
+        order_ids,
+        "SELECT data FROM sagas WHERE order_id = ANY($1)",
+    )
+    .await
 }
 
-/// Reads the sagas of `order_ids` and locks their rows until the transaction ends, in order-id
-/// order (every path locks saga rows in this order, after the aggregates:
-/// `runtime::Work::lock`). Answers those that exist. With `lock` false it only reads them
-/// (their lines never change, so what the locks are taken for can be read beforehand).
+/// Reads the sagas of `order_ids` that exist and locks their rows until the transaction ends,
+/// in order-id order (every path locks saga rows in this order, after the aggregates:
+/// `runtime::Work::lock`).
 ///
 /// # Errors
-/// As [`lock`].
+/// As [`read_many`].
 pub async fn lock_many(
     conn: &mut PgConnection,
     order_ids: &[OrderId],
-    lock: bool,
+) -> sqlx::Result<Vec<Fulfillment>> {
+    // The sort sits below the row locks in the plan, so rows are locked in this order.
+    let sql = "SELECT data FROM sagas WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE";
+    many(conn, order_ids, sql).await
+}
+
+async fn many(
+    conn: &mut PgConnection,
+    order_ids: &[OrderId],
+    sql: &str,
 ) -> sqlx::Result<Vec<Fulfillment>> {
     if order_ids.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = order_ids.iter().map(OrderId::as_uuid).collect();
-    // The sort sits below the row locks in the plan, so rows are locked in this order.
-    let sql = if lock {
-        "SELECT data FROM sagas WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE"
-    } else {
-        "SELECT data FROM sagas WHERE order_id = ANY($1)"
-    };
     let rows: Vec<sqlx::types::Json<Fulfillment>> =
         sqlx::query_scalar(sql).bind(&ids).fetch_all(conn).await?;
     Ok(rows.into_iter().map(|json| json.0).collect())
-}
-
-/// Reads a saga without locking it, with the time its pending call is due.
-///
-/// # Errors
-/// The database error, if any.
-pub async fn read(conn: &mut PgConnection, order_id: OrderId) -> sqlx::Result<Option<Fulfillment>> {
-    let row: Option<sqlx::types::Json<Fulfillment>> =
-        sqlx::query_scalar("SELECT data FROM sagas WHERE order_id = $1")
-            .bind(order_id.as_uuid())
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|json| json.0))
 }
 
 /// Writes a saga back (its row must exist).
@@ -411,7 +404,7 @@ pub enum Retried {
 /// The database error, if any.
 pub async fn retry(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Retried> {
     let mut tx = pool.begin().await?;
-    let Some(mut saga) = lock(&mut tx, OrderId::from(order_id)).await? else {
+    let Some(mut saga) = lock_many(&mut tx, &[OrderId::from(order_id)]).await?.pop() else {
         return Ok(Retried::NotFound);
     };
     if !saga.retry(Utc::now()) {

@@ -108,7 +108,7 @@ impl Consumer for FulfillmentConsumer {
         }
         moved.sort_unstable();
         moved.dedup();
-        for saga in store::lock_many(tx, &moved, false).await? {
+        for saga in store::read_many(tx, &moved).await? {
             skus.extend(saga.skus().map(str::to_owned));
             orders.push(saga.order_id().to_string());
         }
@@ -117,7 +117,7 @@ impl Consumer for FulfillmentConsumer {
         work.lock(tx, &skus, &orders)
             .await
             .map_err(retry_conflicts)?;
-        let mut locked: HashMap<OrderId, Fulfillment> = store::lock_many(tx, &moved, true)
+        let mut locked: HashMap<OrderId, Fulfillment> = store::lock_many(tx, &moved)
             .await?
             .into_iter()
             .map(|saga| (saga.order_id(), saga))
