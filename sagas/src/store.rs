@@ -211,7 +211,7 @@ pub async fn release_claim(pool: &PgPool, order_id: OrderId, token: i64) -> sqlx
 /// is not recorded: the new claimant asks again with the same key).
 ///
 /// # Errors
-/// As [`lock`].
+/// As [`lock_many`].
 pub async fn lock_claimed(
     conn: &mut PgConnection,
     order_id: OrderId,
