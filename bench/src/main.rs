@@ -35,6 +35,7 @@ use sqlx::PgPool;
 
 mod api;
 mod baseline;
+mod counters;
 mod generate;
 mod lag;
 mod load;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::counters::{top_statements, Counters};
 use crate::process::ServerProcess;
 use crate::round;
 use crate::server::BenchServer;
@@ -43,6 +44,8 @@ pub async fn run(
         wait_for_sagas(pool, processes).await?;
     }
     let (client, base, customer) = (&server.client, &server.base, &server.customer);
+    Counters::enable_statements(pool).await;
+    let before = Counters::read(pool).await?;
 
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -73,7 +76,9 @@ pub async fn run(
     while in_flight.join_next().await.is_some() {}
     let load_seconds = started.elapsed().as_secs_f64();
     let drain_started = Instant::now();
+    let mut polls = 0i64;
     loop {
+        polls += 1;
         let open: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM sagas WHERE state NOT IN ('confirmed', 'completed'))
                   + (SELECT count(*) FROM events e WHERE e.event_type = 'OrderPlaced'
@@ -95,6 +100,12 @@ pub async fn run(
     for saga in sagas {
         saga.stop().await?;
     }
+    // Every measured process has exited, so its counts are published; the bench's own
+    // connections publish theirs within a second of going idle.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The polls above, and the three statements of the two reads that fall between them.
+    let delta = before.since(&Counters::read(pool).await?, polls + 3);
+    let top = top_statements(pool).await;
 
     let latencies: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM c.recorded_at - p.recorded_at)::float8 * 1000
@@ -131,6 +142,10 @@ pub async fn run(
         "placed_to_confirmed_ms_p99": round(pick(0.99)),
         "placed_to_confirmed_ms_max": round(latencies.last().copied().unwrap_or(0.0)),
         "drain_ms_after_load": round(drain.as_secs_f64() * 1000.0),
+        "commits_per_confirmed": per(delta.commits, confirmed),
+        "rollbacks": delta.rollbacks,
+        "statements_per_confirmed": delta.statements.map(|s| per(s, confirmed)),
+        "top_statements": top.into_iter().map(|(q, calls)| json!({"calls": calls, "query": q})).collect::<Vec<_>>(),
     })])
 }
 
@@ -160,4 +175,9 @@ async fn wait_for_sagas(pool: &PgPool, processes: usize) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `count` per confirmed order, to one decimal.
+fn per(count: i64, confirmed: usize) -> Value {
+    round(count as f64 / confirmed.max(1) as f64)
 }

@@ -30,4 +30,6 @@ pub mod unit_of_work;
 pub mod upcast;
 
 pub use database::{connect, migrations_applied, MIGRATOR};
-pub use store::{Appended, Decided, EventStore, Loaded, Metadata, StoreError, StoredAggregate};
+pub use store::{
+    Appended, Batch, Decided, EventStore, Loaded, Metadata, Staged, StoreError, StoredAggregate,
+};

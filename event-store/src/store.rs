@@ -113,16 +113,16 @@ impl<A: StoredAggregate<Services = ()>> Loaded<A> {
     /// Decides `command` on this state and appends the events it produces after it, inside
     /// `conn`'s transaction (which must hold the aggregate's write lock, as every load of
     /// [`EventStore`] takes it). On success `self` is the state after the events, ready for the
-    /// next command in the same transaction. The one place commands are decided: the command
-    /// API and the unit of work both come here.
+    /// next command in the same transaction. The command API comes here; the unit of work
+    /// decides with [`Loaded::decide_into`] and writes many commands' events at once.
     ///
     /// Returns the events (empty when the command changed nothing, and then nothing is
     /// written) with where they landed, or the domain's refusal (nothing written, `self`
     /// unchanged).
     ///
     /// # Errors
-    /// As [`EventStore::append`]; on [`StoreError::Conflict`] the transaction must be rolled
-    /// back and the command decided again on a fresh load.
+    /// As [`Batch::write`]; the transaction must then be rolled back, `self` discarded, and the
+    /// command decided again on a fresh load.
     pub async fn decide_and_append(
         &mut self,
         conn: &mut PgConnection,
@@ -130,6 +130,45 @@ impl<A: StoredAggregate<Services = ()>> Loaded<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Result<Decided<A>, A::Error>, StoreError> {
+        let mut batch = Batch::default();
+        let events = match self.decide_into(&mut batch, id, command, metadata).await? {
+            Ok(events) => events,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        if events.is_empty() {
+            return Ok(Ok(Decided {
+                events,
+                appended: None,
+            }));
+        }
+        let snapshotted = batch.snapshots.contains_key(&(A::TYPE, id.to_owned()));
+        let position = batch.write(conn).await?;
+        Ok(Ok(Decided {
+            events,
+            appended: Some(Appended {
+                position: position.unwrap_or_default(),
+                version: self.version,
+                snapshotted,
+                last_hash: self.last_hash.clone().unwrap_or_default(),
+            }),
+        }))
+    }
+
+    /// The one place commands are decided: decides `command` on this state and stages the
+    /// events it produces in `batch` ([`Batch::stage`]); `self` becomes the state after them,
+    /// ready for the next command. Nothing is written until the batch is; the caller holds the
+    /// aggregate's write lock until then. Returns the events (empty when the command changed
+    /// nothing) or the domain's refusal (nothing staged, `self` unchanged).
+    ///
+    /// # Errors
+    /// As [`Batch::stage`].
+    pub async fn decide_into(
+        &mut self,
+        batch: &mut Batch,
+        id: &str,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Result<Vec<A::Event>, A::Error>, StoreError> {
         let mut after = self.aggregate.clone();
         let sink = cqrs_es::event_sink::EventSink::<A>::default();
         if let Err(refused) = after.handle(command, &(), &sink).await {
@@ -137,22 +176,16 @@ impl<A: StoredAggregate<Services = ()>> Loaded<A> {
         }
         let events = sink.collect().await;
         if events.is_empty() {
-            return Ok(Ok(Decided {
-                events,
-                appended: None,
-            }));
+            return Ok(Ok(events));
         }
-        let appended = EventStore::append(conn, id, self, &after, &events, metadata).await?;
-        if appended.snapshotted {
-            self.snapshot_version = appended.version;
+        let staged = batch.stage(id, self, &after, &events, metadata)?;
+        if staged.snapshotted {
+            self.snapshot_version = staged.version;
         }
-        self.version = appended.version;
-        self.last_hash = Some(appended.last_hash.clone());
+        self.version = staged.version;
+        self.last_hash = Some(staged.last_hash);
         self.aggregate = after;
-        Ok(Ok(Decided {
-            events,
-            appended: Some(appended),
-        }))
+        Ok(Ok(events))
     }
 }
 
@@ -178,6 +211,157 @@ pub struct Appended {
     pub last_hash: Vec<u8>,
 }
 
+/// Events decided but not written yet, of any number of aggregates, in the order they were
+/// decided: [`Batch::write`] inserts them all in one statement and the snapshots due in one
+/// more. A transaction that decides many commands (a saga page) writes them together.
+#[derive(Debug, Default)]
+pub struct Batch {
+    aggregate_types: Vec<&'static str>,
+    aggregate_ids: Vec<String>,
+    sequences: Vec<i64>,
+    event_types: Vec<String>,
+    event_versions: Vec<String>,
+    payloads: Vec<Value>,
+    metadata: Vec<Value>,
+    event_ids: Vec<Uuid>,
+    hashes: Vec<Vec<u8>>,
+    /// The newest snapshot due per aggregate; one row each, as `ON CONFLICT` allows.
+    snapshots: std::collections::BTreeMap<(&'static str, String), (i64, Value)>,
+}
+
+/// Where the events [`Batch::stage`] took leave their aggregate once written.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// The aggregate's version after them.
+    pub version: usize,
+    /// Whether a snapshot at `version` is due with them.
+    pub snapshotted: bool,
+    /// Hash of the last of them: what the aggregate's next event chains to.
+    pub last_hash: Vec<u8>,
+}
+
+impl Batch {
+    /// Whether nothing waits to be written.
+    pub fn is_empty(&self) -> bool {
+        self.sequences.is_empty()
+    }
+
+    /// Takes `events` of aggregate `id` (decided on `loaded`, giving `after`) to be written
+    /// after `loaded.version`, chained to its newest hash. The caller must hold the aggregate's
+    /// write lock until the batch is written and committed, and decide the aggregate's next
+    /// command on the state this leaves ([`Staged`]), not on `loaded`.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if an event or the metadata does not serialize.
+    pub fn stage<A: StoredAggregate>(
+        &mut self,
+        id: &str,
+        loaded: &Loaded<A>,
+        after: &A,
+        events: &[A::Event],
+        metadata: &Metadata,
+    ) -> Result<Staged, StoreError> {
+        let corrupt = |what, source| StoreError::Corrupt {
+            what,
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_owned(),
+            source,
+        };
+        let metadata = serde_json::to_value(metadata).map_err(|e| corrupt("metadata", e))?;
+        let mut previous = loaded.last_hash.clone();
+        for (i, event) in events.iter().enumerate() {
+            let sequence = i64::try_from(loaded.version + i + 1).unwrap_or(i64::MAX);
+            let event_type = event.event_type();
+            let event_version = event.event_version();
+            let payload = serde_json::to_value(event).map_err(|e| corrupt("event", e))?;
+            let event_id = Uuid::new_v4();
+            let hash = chain::Hashed {
+                event_id,
+                aggregate_type: A::TYPE,
+                aggregate_id: id,
+                sequence,
+                event_type: &event_type,
+                event_version: &event_version,
+                payload: &payload,
+                metadata: &metadata,
+            }
+            .hash(previous.as_deref());
+            self.aggregate_types.push(A::TYPE);
+            self.aggregate_ids.push(id.to_owned());
+            self.sequences.push(sequence);
+            self.event_types.push(event_type);
+            self.event_versions.push(event_version);
+            self.payloads.push(payload);
+            self.metadata.push(metadata.clone());
+            self.event_ids.push(event_id);
+            self.hashes.push(hash.clone());
+            previous = Some(hash);
+        }
+        let version = loaded.version + events.len();
+        let snapshotted =
+            A::SNAPSHOT_EVERY.is_some_and(|every| version - loaded.snapshot_version >= every);
+        if snapshotted {
+            let state = serde_json::to_value(after).map_err(|e| corrupt("snapshot", e))?;
+            self.snapshots.insert(
+                (A::TYPE, id.to_owned()),
+                (i64::try_from(version).unwrap_or(i64::MAX), state),
+            );
+        }
+        Ok(Staged {
+            version,
+            snapshotted,
+            last_hash: previous.unwrap_or_default(),
+        })
+    }
+
+    /// Writes every staged event in one statement, then the snapshots due in one more, inside
+    /// `conn`'s transaction, and empties the batch. Answers the global position of the last
+    /// event written (`None` when there was none).
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when another writer appended to one of the aggregates first (the
+    /// transaction is then aborted and must be rolled back); [`StoreError::Database`] otherwise.
+    pub async fn write(&mut self, conn: &mut PgConnection) -> Result<Option<i64>, StoreError> {
+        let batch = std::mem::take(self);
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let position: Option<i64> = sqlx::query_scalar(INSERT_EVENTS)
+            .bind(&batch.aggregate_types)
+            .bind(&batch.aggregate_ids)
+            .bind(&batch.metadata)
+            .bind(&batch.sequences)
+            .bind(&batch.event_types)
+            .bind(&batch.event_versions)
+            .bind(&batch.payloads)
+            .bind(&batch.event_ids)
+            .bind(&batch.hashes)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(conflict_or_database)?;
+        if !batch.snapshots.is_empty() {
+            let mut types = Vec::with_capacity(batch.snapshots.len());
+            let mut ids = Vec::with_capacity(batch.snapshots.len());
+            let mut versions = Vec::with_capacity(batch.snapshots.len());
+            let mut states = Vec::with_capacity(batch.snapshots.len());
+            for ((aggregate_type, id), (version, state)) in batch.snapshots {
+                types.push(aggregate_type);
+                ids.push(id);
+                versions.push(version);
+                states.push(state);
+            }
+            sqlx::query(UPSERT_SNAPSHOTS)
+                .bind(&types)
+                .bind(&ids)
+                .bind(&versions)
+                .bind(&states)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(position)
+    }
+}
+
 /// The event store. Cheap to clone: it shares one connection pool.
 #[derive(Clone)]
 pub struct EventStore {
@@ -187,7 +371,7 @@ pub struct EventStore {
 
 const INSERT_EVENTS: &str = include_str!("sql/insert_events.sql");
 
-const UPSERT_SNAPSHOT: &str = include_str!("sql/upsert_snapshot.sql");
+const UPSERT_SNAPSHOTS: &str = include_str!("sql/upsert_snapshots.sql");
 
 const STREAM_POSITION: &str = include_str!("sql/stream_position.sql");
 
@@ -255,6 +439,28 @@ impl EventStore {
         })
     }
 
+    /// Loads aggregates `ids` of type `A` in one query, without locks: each one's snapshot and
+    /// the events after it (at most `SNAPSHOT_EVERY`), so the cost does not grow with a hot
+    /// stream's history. Answers each id with its state, in no particular order; an id with no
+    /// events is a new aggregate. Placing an order prices all its lines with one call.
+    ///
+    /// # Errors
+    /// As [`EventStore::load`].
+    pub async fn load_many<A: StoredAggregate>(
+        &self,
+        ids: &[&str],
+    ) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
+        let types = vec![A::TYPE; ids.len()];
+        let snapshots = vec![A::SNAPSHOT_EVERY.is_some(); ids.len()];
+        let rows: Vec<LockedRow> = sqlx::query_as(LOAD_LOCKED)
+            .bind(&types)
+            .bind(ids)
+            .bind(&snapshots)
+            .fetch_all(&self.pool)
+            .await?;
+        fold_locked::<A>(rows, ids)
+    }
+
     /// Appends `events` after `loaded.version` inside the caller's transaction, and snapshots
     /// `after` (the state with the events applied) when the aggregate's policy says so.
     /// Returns the global position of the last event; `events` must not be empty.
@@ -270,80 +476,14 @@ impl EventStore {
         events: &[A::Event],
         metadata: &Metadata,
     ) -> Result<Appended, StoreError> {
-        let n = events.len();
-        let sequences: Vec<i64> = (1..=n)
-            .map(|i| i64::try_from(loaded.version + i).unwrap_or(i64::MAX))
-            .collect();
-        let types: Vec<String> = events.iter().map(DomainEvent::event_type).collect();
-        let versions: Vec<String> = events.iter().map(DomainEvent::event_version).collect();
-        let payloads = events
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<Result<Vec<Value>, _>>()
-            .map_err(|source| StoreError::Corrupt {
-                what: "event",
-                aggregate_type: A::TYPE,
-                aggregate_id: id.to_owned(),
-                source,
-            })?;
-        let event_ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
-        let metadata_value =
-            serde_json::to_value(metadata).map_err(|source| StoreError::Corrupt {
-                what: "metadata",
-                aggregate_type: A::TYPE,
-                aggregate_id: id.to_owned(),
-                source,
-            })?;
-        let mut hashes: Vec<Vec<u8>> = Vec::with_capacity(n);
-        for i in 0..n {
-            let previous = match i {
-                0 => loaded.last_hash.as_deref(),
-                _ => Some(hashes[i - 1].as_slice()),
-            };
-            let hash = chain::Hashed {
-                event_id: event_ids[i],
-                aggregate_type: A::TYPE,
-                aggregate_id: id,
-                sequence: sequences[i],
-                event_type: &types[i],
-                event_version: &versions[i],
-                payload: &payloads[i],
-                metadata: &metadata_value,
-            }
-            .hash(previous);
-            hashes.push(hash);
-        }
-        let metadata = sqlx::types::Json(metadata);
-        let position: Option<i64> = sqlx::query_scalar(INSERT_EVENTS)
-            .bind(A::TYPE)
-            .bind(id)
-            .bind(metadata)
-            .bind(&sequences)
-            .bind(&types)
-            .bind(&versions)
-            .bind(&payloads)
-            .bind(&event_ids)
-            .bind(&hashes)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(conflict_or_database)?;
-        let version = loaded.version + n;
-        let snapshotted =
-            A::SNAPSHOT_EVERY.is_some_and(|every| version - loaded.snapshot_version >= every);
-        if snapshotted {
-            sqlx::query(UPSERT_SNAPSHOT)
-                .bind(A::TYPE)
-                .bind(id)
-                .bind(i64::try_from(version).unwrap_or(i64::MAX))
-                .bind(sqlx::types::Json(after))
-                .execute(&mut *conn)
-                .await?;
-        }
+        let mut batch = Batch::default();
+        let staged = batch.stage(id, loaded, after, events, metadata)?;
+        let position = batch.write(conn).await?;
         Ok(Appended {
             position: position.unwrap_or_default(),
-            version,
-            snapshotted,
-            last_hash: hashes.pop().unwrap_or_default(),
+            version: staged.version,
+            snapshotted: staged.snapshotted,
+            last_hash: staged.last_hash,
         })
     }
 
@@ -399,31 +539,6 @@ impl EventStore {
         load_locked(conn, id).await
     }
 
-    /// [`EventStore::lock_and_load`] for many aggregates of one type in two round trips: the
-    /// write locks in key order (so two callers never wait on each other crosswise), then one
-    /// query for all their states. Answers each id with its state, in no particular order.
-    ///
-    /// # Errors
-    /// As [`EventStore::lock_and_load`].
-    pub async fn lock_and_load_many<A: StoredAggregate>(
-        conn: &mut PgConnection,
-        ids: &[&str],
-    ) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
-        let keys: Vec<i32> = ids
-            .iter()
-            .map(|id| locks::write_lock_key(A::TYPE, id))
-            .collect();
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock($1, k)
-               FROM (SELECT DISTINCT k FROM unnest($2::int4[]) AS k ORDER BY k) AS keys",
-        )
-        .bind(locks::WRITE)
-        .bind(&keys)
-        .execute(&mut *conn)
-        .await?;
-        load_locked_many(conn, ids).await
-    }
-
     /// The global position of the newest event of one aggregate, 0 if it has none. Commands that
     /// change nothing (a repeated cancel) answer with it.
     ///
@@ -442,12 +557,156 @@ impl EventStore {
     }
 }
 
-/// For each aggregate of `$2`: its snapshot (if any, first, with a NULL sequence), then every
-/// event from the snapshot's sequence on (the one at it only gives the hash), each with whether a
-/// younger transaction than the current one wrote it.
+/// Aggregates of several types to lock and load together ([`LoadMany::lock_and_load`]): a saga
+/// page needs its SKUs, payments and orders, in that lock order, in two round trips.
+#[derive(Default)]
+pub struct LoadMany {
+    kinds: Vec<Kind>,
+}
+
+/// One aggregate type of a [`LoadMany`].
+struct Kind {
+    aggregate_type: &'static str,
+    snapshots: bool,
+    ids: Vec<String>,
+    fold: FoldKind,
+}
+
+/// One aggregate as [`LoadMany::lock_and_load`] answers it: type, id, and its [`Loaded`] state
+/// (of the type's aggregate), boxed.
+pub type LoadedAny = (&'static str, String, Box<dyn std::any::Any + Send + Sync>);
+
+type FoldKind = fn(Vec<LockedRow>, &[&str]) -> Result<Vec<LoadedAny>, StoreError>;
+
+fn fold_kind<A: StoredAggregate + Send + Sync + 'static>(
+    rows: Vec<LockedRow>,
+    ids: &[&str],
+) -> Result<Vec<LoadedAny>, StoreError> {
+    Ok(fold_locked::<A>(rows, ids)?
+        .into_iter()
+        .map(|(id, loaded)| {
+            (
+                A::TYPE,
+                id,
+                Box::new(loaded) as Box<dyn std::any::Any + Send + Sync>,
+            )
+        })
+        .collect())
+}
+
+impl LoadMany {
+    /// Nothing to load yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds aggregates `ids` of type `A`, to be locked after every type added before it (a type
+    /// added again keeps its first place).
+    pub fn add<A: StoredAggregate + Send + Sync + 'static>(&mut self, ids: &[&str]) -> &mut Self {
+        let at = match self.kinds.iter().position(|k| k.aggregate_type == A::TYPE) {
+            Some(at) => at,
+            None => {
+                self.kinds.push(Kind {
+                    aggregate_type: A::TYPE,
+                    snapshots: A::SNAPSHOT_EVERY.is_some(),
+                    ids: Vec::new(),
+                    fold: fold_kind::<A>,
+                });
+                self.kinds.len() - 1
+            }
+        };
+        let kind = &mut self.kinds[at];
+        kind.ids.extend(ids.iter().map(|id| (*id).to_owned()));
+        kind.ids.sort_unstable();
+        kind.ids.dedup();
+        self
+    }
+
+    /// The same types in the same order, without the aggregates `held` answers true for.
+    pub fn without(&self, held: impl Fn(&'static str, &str) -> bool) -> LoadMany {
+        LoadMany {
+            kinds: self
+                .kinds
+                .iter()
+                .map(|kind| Kind {
+                    aggregate_type: kind.aggregate_type,
+                    snapshots: kind.snapshots,
+                    ids: kind
+                        .ids
+                        .iter()
+                        .filter(|id| !held(kind.aggregate_type, id))
+                        .cloned()
+                        .collect(),
+                    fold: kind.fold,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes every write lock, type by type in the order added and each type's in key order (so
+    /// two callers that add types in the same order never wait on each other crosswise), then
+    /// loads every state in one query, inside `conn`'s transaction. Answers each aggregate with
+    /// its state, in no particular order.
+    ///
+    /// # Errors
+    /// As [`EventStore::lock_and_load`].
+    pub async fn lock_and_load(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Vec<LoadedAny>, StoreError> {
+        let mut keys = Vec::new();
+        let (mut types, mut ids, mut snapshots) = (Vec::new(), Vec::new(), Vec::new());
+        for kind in &self.kinds {
+            let mut kind_keys: Vec<i32> = kind
+                .ids
+                .iter()
+                .map(|id| locks::write_lock_key(kind.aggregate_type, id))
+                .collect();
+            kind_keys.sort_unstable();
+            kind_keys.dedup();
+            keys.extend(kind_keys);
+            for id in &kind.ids {
+                types.push(kind.aggregate_type);
+                ids.push(id.as_str());
+                snapshots.push(kind.snapshots);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock($1, k)
+               FROM (SELECT k FROM unnest($2::int4[]) WITH ORDINALITY AS t(k, n) ORDER BY n) AS keys",
+        )
+        .bind(locks::WRITE)
+        .bind(&keys)
+        .execute(&mut *conn)
+        .await?;
+        let rows: Vec<LockedRow> = sqlx::query_as(LOAD_LOCKED)
+            .bind(&types)
+            .bind(&ids)
+            .bind(&snapshots)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut by_type: std::collections::HashMap<String, Vec<LockedRow>> = Default::default();
+        for row in rows {
+            by_type.entry(row.0.clone()).or_default().push(row);
+        }
+        let mut loaded = Vec::with_capacity(ids.len());
+        for kind in &self.kinds {
+            let rows = by_type.remove(kind.aggregate_type).unwrap_or_default();
+            let ids: Vec<&str> = kind.ids.iter().map(String::as_str).collect();
+            loaded.extend((kind.fold)(rows, &ids)?);
+        }
+        Ok(loaded)
+    }
+}
+
+/// For many aggregates of any types: each one's snapshot and events, sorted by aggregate.
 const LOAD_LOCKED: &str = include_str!("sql/load_locked.sql");
 
 type LockedRow = (
+    String,
     String,
     Option<i64>,
     Option<i64>,
@@ -477,30 +736,15 @@ async fn load_locked<A: StoredAggregate>(
     Ok(loaded.pop().map(|(_, l)| l).unwrap_or_else(Loaded::new))
 }
 
-/// Loads aggregates `ids` in one query, on a connection that holds their write locks; answers
-/// each id with its state, in no particular order.
-async fn load_locked_many<A: StoredAggregate>(
-    conn: &mut PgConnection,
-    ids: &[&str],
-) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
-    let rows: Vec<LockedRow> = sqlx::query_as(LOAD_LOCKED)
-        .bind(A::TYPE)
-        .bind(ids)
-        .bind(A::SNAPSHOT_EVERY.is_some())
-        .fetch_all(&mut *conn)
-        .await?;
-    fold_locked(rows, ids)
-}
-
-/// Folds the rows of [`LOAD_LOCKED`] (sorted by aggregate, snapshot first) into each aggregate's
-/// state; `ids` without rows are new aggregates.
+/// Folds the rows of [`LOAD_LOCKED`] of one aggregate type (sorted by aggregate, snapshot first)
+/// into each aggregate's state; `ids` without rows are new aggregates.
 fn fold_locked<A: StoredAggregate>(
     rows: Vec<LockedRow>,
     ids: &[&str],
 ) -> Result<Vec<(String, Loaded<A>)>, StoreError> {
     let mut done: Vec<(String, Loaded<A>)> = Vec::with_capacity(ids.len());
     let mut overtaken = None;
-    for (id, snapshot, sequence, event_type, event_version, payload, hash, younger) in rows {
+    for (_, id, snapshot, sequence, event_type, event_version, payload, hash, younger) in rows {
         let corrupt = |what, source| StoreError::Corrupt {
             what,
             aggregate_type: A::TYPE,

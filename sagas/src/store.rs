@@ -10,33 +10,65 @@ use aggregates::values::OrderId;
 
 use crate::fulfillment::{Entry, Fulfillment, Goal, PaymentProgress, SagaState};
 
-/// Inserts a new saga; `false` if the order has one already (its start was seen before).
+/// Writes `sagas`, new or changed, in one statement: a page of the saga's consumer writes every
+/// saga it started or moved at once. Their rows must be this transaction's: locked by
+/// [`lock_many`], or new ones whose order only this transaction's partition moves (the
+/// consumer's fencing token is checked at its commit), so the upsert overwrites no one.
 ///
 /// # Errors
-/// The database error, if any.
-pub async fn insert(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<bool> {
-    let inserted = write(
-        conn,
-        "INSERT INTO sagas (order_id, state, due_at, deadline, data) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (order_id) DO NOTHING",
-        saga,
+/// The database error; a saga that does not serialize is reported as `sqlx::Error::Encode`.
+pub async fn write_many(conn: &mut PgConnection, sagas: &[&Fulfillment]) -> sqlx::Result<()> {
+    if sagas.is_empty() {
+        return Ok(());
+    }
+    let Columns {
+        ids,
+        states,
+        due,
+        deadlines,
+        data,
+    } = Columns::of(sagas)?;
+    sqlx::query(
+        "INSERT INTO sagas (order_id, state, due_at, deadline, data)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                              $5::jsonb[])
+         ON CONFLICT (order_id) DO UPDATE
+            SET state = EXCLUDED.state, due_at = EXCLUDED.due_at,
+                deadline = EXCLUDED.deadline, data = EXCLUDED.data, updated_at = now()",
     )
+    .bind(&ids)
+    .bind(&states)
+    .bind(&due)
+    .bind(&deadlines)
+    .bind(&data)
+    .execute(conn)
     .await?;
-    Ok(inserted == 1)
+    Ok(())
 }
 
-/// Runs `sql` with the saga's columns bound as `$1` (order id) to `$5` (the JSON state);
-/// returns the rows affected.
-async fn write(conn: &mut PgConnection, sql: &str, saga: &Fulfillment) -> sqlx::Result<u64> {
-    let done = sqlx::query(sql)
-        .bind(saga.order_id().as_uuid())
-        .bind(saga.state().as_str())
-        .bind(saga.due())
-        .bind(saga.deadline())
-        .bind(sqlx::types::Json(saga))
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected())
+/// The columns of many sagas, as arrays to bind.
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    states: Vec<&'a str>,
+    due: Vec<Option<DateTime<Utc>>>,
+    deadlines: Vec<Option<DateTime<Utc>>>,
+    data: Vec<serde_json::Value>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(sagas: &[&'a Fulfillment]) -> sqlx::Result<Self> {
+        Ok(Self {
+            ids: sagas.iter().map(|s| s.order_id().as_uuid()).collect(),
+            states: sagas.iter().map(|s| s.state().as_str()).collect(),
+            due: sagas.iter().map(|s| s.due()).collect(),
+            deadlines: sagas.iter().map(|s| s.deadline()).collect(),
+            data: sagas
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<serde_json::Value>, _>>()
+                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+        })
+    }
 }
 
 /// Reads the sagas of `order_ids` that exist, without locking them: their lines never change,
@@ -83,21 +115,6 @@ async fn many(
     let rows: Vec<sqlx::types::Json<Fulfillment>> =
         sqlx::query_scalar(sql).bind(&ids).fetch_all(conn).await?;
     Ok(rows.into_iter().map(|json| json.0).collect())
-}
-
-/// Writes a saga back (its row must exist).
-///
-/// # Errors
-/// The database error, if any.
-pub async fn save(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<()> {
-    write(
-        conn,
-        "UPDATE sagas SET state = $2, due_at = $3, deadline = $4, data = $5, updated_at = now()
-          WHERE order_id = $1",
-        saga,
-    )
-    .await
-    .map(drop)
 }
 
 /// A due saga this process claimed for its gateway call: the claim's fencing token, and the
@@ -206,41 +223,71 @@ pub async fn release_claim(pool: &PgPool, order_id: OrderId, token: i64) -> sqlx
     Ok(())
 }
 
-/// Reads a saga and locks its row until the transaction ends, if the claim with `token` is
-/// still on it; `None` when the saga is gone or its claim was taken over (the caller's answer
-/// is not recorded: the new claimant asks again with the same key).
+/// Reads the sagas of `held` (order and claim token) whose claim is still that token and locks
+/// their rows until the transaction ends, in order-id order (as [`lock_many`]). A saga that is
+/// gone or whose claim was taken over is left out: its answer is not recorded, the new
+/// claimant asks again with the same key.
 ///
 /// # Errors
 /// As [`lock_many`].
-pub async fn lock_claimed(
+pub async fn lock_claimed_many(
     conn: &mut PgConnection,
-    order_id: OrderId,
-    token: i64,
-) -> sqlx::Result<Option<Fulfillment>> {
-    let row: Option<sqlx::types::Json<Fulfillment>> = sqlx::query_scalar(
-        "SELECT data FROM sagas WHERE order_id = $1 AND claim_token = $2 FOR UPDATE",
+    held: &[(OrderId, i64)],
+) -> sqlx::Result<Vec<Fulfillment>> {
+    let (ids, tokens): (Vec<Uuid>, Vec<i64>) = held
+        .iter()
+        .map(|(id, token)| (id.as_uuid(), *token))
+        .unzip();
+    // The sort sits below the row locks in the plan, so rows are locked in this order.
+    let rows: Vec<sqlx::types::Json<Fulfillment>> = sqlx::query_scalar(
+        "SELECT s.data FROM sagas s
+           JOIN unnest($1::uuid[], $2::int8[]) AS held(order_id, token)
+             ON s.order_id = held.order_id AND s.claim_token = held.token
+          ORDER BY s.order_id
+            FOR UPDATE OF s",
     )
-    .bind(order_id.as_uuid())
-    .bind(token)
-    .fetch_optional(conn)
+    .bind(&ids)
+    .bind(&tokens)
+    .fetch_all(conn)
     .await?;
-    Ok(row.map(|json| json.0))
+    Ok(rows.into_iter().map(|json| json.0).collect())
 }
 
-/// Writes a claimed saga back and ends its claim, in the transaction of [`lock_claimed`].
+/// Writes claimed sagas back and ends their claims, in one statement, in the transaction of
+/// [`lock_claimed_many`].
 ///
 /// # Errors
-/// The database error, if any.
-pub async fn save_claimed(conn: &mut PgConnection, saga: &Fulfillment) -> sqlx::Result<()> {
-    write(
-        conn,
-        "UPDATE sagas SET state = $2, due_at = $3, deadline = $4, data = $5, updated_at = now(),
-                          claim_owner = NULL, claim_until = NULL
-          WHERE order_id = $1",
-        saga,
+/// The database error; a saga that does not serialize is reported as `sqlx::Error::Encode`.
+pub async fn save_claimed_many(
+    conn: &mut PgConnection,
+    sagas: &[&Fulfillment],
+) -> sqlx::Result<()> {
+    if sagas.is_empty() {
+        return Ok(());
+    }
+    let Columns {
+        ids,
+        states,
+        due,
+        deadlines,
+        data,
+    } = Columns::of(sagas)?;
+    sqlx::query(
+        "UPDATE sagas s
+            SET state = u.state, due_at = u.due_at, deadline = u.deadline, data = u.data,
+                updated_at = now(), claim_owner = NULL, claim_until = NULL
+           FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::jsonb[])
+                AS u(order_id, state, due_at, deadline, data)
+          WHERE s.order_id = u.order_id",
     )
-    .await
-    .map(drop)
+    .bind(&ids)
+    .bind(&states)
+    .bind(&due)
+    .bind(&deadlines)
+    .bind(&data)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// When the next gateway call can be claimed (due, and any claim on it expired), if any is
@@ -410,7 +457,7 @@ pub async fn retry(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Retried> {
     if !saga.retry(Utc::now()) {
         return Ok(Retried::NotStuck);
     }
-    save(&mut tx, &saga).await?;
+    write_many(&mut tx, &[&saga]).await?;
     tx.commit().await?;
     Ok(Retried::Yes)
 }

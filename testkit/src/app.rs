@@ -316,6 +316,11 @@ impl TestApp {
                 .await
             {
                 Ok(Ok(_)) => {
+                    match work.flush(&mut tx).await {
+                        Ok(()) => {}
+                        Err(StoreError::Conflict) => continue,
+                        Err(e) => panic!("append failed: {e}"),
+                    }
                     tx.commit().await.expect("commit");
                     return Ok(());
                 }

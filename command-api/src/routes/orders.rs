@@ -3,6 +3,8 @@
 //! Placing prices every line from the catalog (the inventory aggregates) at that moment; the
 //! client never sends a price. Another customer's order answers 404, as if it did not exist.
 
+use std::collections::HashMap;
+
 use api_common::extract::OrderPath;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -101,12 +103,20 @@ pub async fn place(
     let customer_id = f.check("sub", CustomerId::parse(&actor.sub));
     f.finish()?;
 
+    // Every line's product in one query: a snapshot and the few events after it each.
+    let skus: Vec<&str> = wanted.iter().map(|(_, sku, _)| sku.as_str()).collect();
+    let products: HashMap<String, Product> = state
+        .store
+        .load_many::<Product>(&skus)
+        .await?
+        .into_iter()
+        .map(|(sku, loaded)| (sku, loaded.aggregate))
+        .collect();
     let mut lines = Vec::with_capacity(wanted.len());
     for (i, sku, quantity) in wanted {
-        let product = state.store.load::<Product>(sku.as_str()).await?;
-        let catalog = product
-            .aggregate
-            .catalog()
+        let catalog = products
+            .get(sku.as_str())
+            .and_then(Product::catalog)
             .ok_or_else(|| ApiError::rule(format!("lines[{i}].sku"), "unknown sku"))?;
         lines.push(OrderLine {
             sku,

@@ -29,7 +29,8 @@ impl FulfillmentConsumer {
         Self { timing }
     }
 
-    /// Moves the saga of `order_id` (locked up front, in `locked`) with `change` and drives it.
+    /// Moves the saga of `order_id` (locked up front, in `locked`) with `change` and drives it;
+    /// the page writes it with the others at its end.
     async fn advance(
         &self,
         work: &mut Work,
@@ -37,18 +38,17 @@ impl FulfillmentConsumer {
         locked: &mut HashMap<OrderId, Fulfillment>,
         order_id: OrderId,
         change: impl FnOnce(&mut Fulfillment),
-    ) -> Result<(), ConsumerError> {
+    ) -> Result<bool, ConsumerError> {
         let Some(saga) = locked.get_mut(&order_id) else {
             // Orders placed before the saga existed have no saga; nothing to compensate.
             tracing::warn!(%order_id, "order event without a saga; ignored");
-            return Ok(());
+            return Ok(false);
         };
         change(saga);
         drive(work, tx, saga, &self.timing)
             .await
             .map_err(retry_conflicts)?;
-        store::save(tx, saga).await?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -87,8 +87,9 @@ impl Consumer for FulfillmentConsumer {
             .map(|e| Ok((e, e.decode::<OrderEvent>()?)))
             .collect::<Result<Vec<_>, ConsumerError>>()?;
         // Every lock the page needs, before its first write and in the one lock order of the
-        // saga (`Work::lock`): every SKU, payment and order its sagas may command, each kind in
-        // one round trip, then the rows of the sagas its cancellations and shipments move.
+        // saga (`Work::lock`): every SKU, payment and order its sagas may command, in two round
+        // trips, then the rows of the sagas its events start or move.
+        let mut placed = Vec::new();
         let mut moved = Vec::new();
         let mut skus = Vec::new();
         let mut orders = Vec::new();
@@ -99,6 +100,7 @@ impl Consumer for FulfillmentConsumer {
                 } => {
                     skus.extend(lines.iter().map(|l| l.sku.as_str().to_owned()));
                     orders.push(order_id.to_string());
+                    placed.push(*order_id);
                 }
                 OrderEvent::OrderCancelled { .. } | OrderEvent::OrderShipped { .. } => {
                     moved.push(order_id_of(event)?);
@@ -117,11 +119,18 @@ impl Consumer for FulfillmentConsumer {
         work.lock(tx, &skus, &orders)
             .await
             .map_err(retry_conflicts)?;
-        let mut locked: HashMap<OrderId, Fulfillment> = store::lock_many(tx, &moved)
+        // The placed orders' rows too: one that has a saga already (its placement was applied
+        // before, as after an operator's retry) is not started again.
+        let mut rows = moved.clone();
+        rows.extend(&placed);
+        rows.sort_unstable();
+        rows.dedup();
+        let mut locked: HashMap<OrderId, Fulfillment> = store::lock_many(tx, &rows)
             .await?
             .into_iter()
             .map(|saga| (saga.order_id(), saga))
             .collect();
+        let mut touched = Vec::new();
         for (event, decoded) in decoded {
             let now = Utc::now();
             match decoded {
@@ -132,6 +141,9 @@ impl Consumer for FulfillmentConsumer {
                     payment_token,
                     ..
                 } => {
+                    if locked.contains_key(&order_id) {
+                        continue;
+                    }
                     let correlation_id = serde_json::from_str::<Metadata>(event.metadata.get())
                         .map(|m| m.correlation_id)
                         .unwrap_or(event.event_id);
@@ -143,30 +155,41 @@ impl Consumer for FulfillmentConsumer {
                         payment_token,
                         now,
                     );
-                    if !store::insert(tx, &saga).await? {
-                        continue;
-                    }
                     drive(&mut work, tx, &mut saga, &self.timing)
                         .await
                         .map_err(retry_conflicts)?;
-                    store::save(tx, &saga).await?;
-                    // A cancellation later in the page moves it on (its row is this
-                    // transaction's already).
+                    // A cancellation later in the page moves it on.
                     locked.insert(order_id, saga);
+                    touched.push(order_id);
                 }
                 OrderEvent::OrderCancelled { .. } => {
                     let id = order_id_of(event)?;
-                    self.advance(&mut work, tx, &mut locked, id, |s| s.on_cancelled(now))
-                        .await?;
+                    if self
+                        .advance(&mut work, tx, &mut locked, id, |s| s.on_cancelled(now))
+                        .await?
+                    {
+                        touched.push(id);
+                    }
                 }
                 OrderEvent::OrderShipped { .. } => {
                     let id = order_id_of(event)?;
-                    self.advance(&mut work, tx, &mut locked, id, |s| s.on_shipped(now))
-                        .await?;
+                    if self
+                        .advance(&mut work, tx, &mut locked, id, |s| s.on_shipped(now))
+                        .await?
+                    {
+                        touched.push(id);
+                    }
                 }
                 OrderEvent::OrderConfirmed | OrderEvent::OrderRejected { .. } => {}
             }
         }
+        // The page's writes, each kind in one statement: every command's events, then every
+        // saga it started or moved.
+        work.flush(tx).await.map_err(retry_conflicts)?;
+        touched.sort_unstable();
+        touched.dedup();
+        let sagas: Vec<&Fulfillment> = touched.iter().filter_map(|id| locked.get(id)).collect();
+        store::write_many(tx, &sagas).await?;
         Ok(())
     }
 }

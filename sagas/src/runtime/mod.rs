@@ -26,6 +26,7 @@ use uuid::Uuid;
 use aggregates::inventory::Product;
 use aggregates::order::Order;
 use aggregates::payment::Payment;
+use event_store::store::LoadMany;
 use event_store::unit_of_work::UnitOfWork;
 use event_store::{Metadata, StoreError, StoredAggregate};
 
@@ -157,7 +158,7 @@ impl Work {
 
     /// Locks and loads, before the transaction's first write, every aggregate its sagas may
     /// command: the SKUs, then the payments and then the orders of `orders`, each kind in
-    /// lock-key order. Then the caller locks the saga rows (`store::lock_many`, by order id).
+    /// lock-key order, in two round trips. Then the caller locks the saga rows (`store::lock_many`, by order id).
     /// That is the one lock order of every saga path (the consumer's page, the gateway
     /// worker), so two of them never wait on each other crosswise; the command API holds one
     /// order's lock alone. The aggregate locks are advisory and come first because a row lock
@@ -169,10 +170,17 @@ impl Work {
         skus: &[&str],
         orders: &[&str],
     ) -> Result<(), StoreError> {
-        self.unit.prefetch::<Product>(conn, skus).await?;
-        self.unit.prefetch::<Payment>(conn, orders).await?;
-        self.unit.prefetch::<Order>(conn, orders).await?;
-        Ok(())
+        let mut wanted = LoadMany::new();
+        wanted
+            .add::<Product>(skus)
+            .add::<Payment>(orders)
+            .add::<Order>(orders);
+        self.unit.prefetch(conn, &wanted).await
+    }
+
+    /// Writes the events of every command sent so far, in one statement; before the commit.
+    pub(crate) async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        self.unit.flush(conn).await
     }
 
     async fn run<A: StoredAggregate<Services = ()> + Send + Sync + 'static>(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
@@ -42,6 +42,10 @@ pub const RECORD_CONNECTIONS: u32 = 8;
 /// there was taken again and its call made twice).
 pub const CONTROL_CONNECTIONS: u32 = 2;
 
+/// The most answers one transaction records: enough that under load a few transactions a
+/// second record every answer, few enough that the SKU locks a batch takes are held briefly.
+pub const RECORD_BATCH: usize = 64;
+
 /// Every connection the worker opens.
 pub const POOL_CONNECTIONS: u32 = RECORD_CONNECTIONS + CONTROL_CONNECTIONS;
 
@@ -62,6 +66,10 @@ struct Worker {
     owner: String,
     /// Claims in flight here, by order: their tokens, renewed together.
     in_flight: Mutex<HashMap<OrderId, i64>>,
+    /// Answers for the recorders.
+    answers: mpsc::Sender<Answered>,
+    /// Where the recorders take them from, one recorder at a time, as many as are waiting.
+    waiting: tokio::sync::Mutex<mpsc::Receiver<Answered>>,
 }
 
 impl GatewayWorker {
@@ -84,6 +92,7 @@ impl GatewayWorker {
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options);
         let (stop, stopped) = watch::channel(false);
+        let (answers, waiting) = mpsc::channel(config.concurrency.max(1));
         let worker = Arc::new(Worker {
             pool,
             control,
@@ -91,6 +100,8 @@ impl GatewayWorker {
             config,
             owner,
             in_flight: Mutex::new(HashMap::new()),
+            answers,
+            waiting: tokio::sync::Mutex::new(waiting),
         });
         Self {
             task: tokio::spawn(worker.run(stopped)),
@@ -122,6 +133,10 @@ impl Worker {
                 None
             }
         };
+        let mut recorders = JoinSet::new();
+        for _ in 0..RECORD_CONNECTIONS {
+            recorders.spawn(self.clone().recorder());
+        }
         let mut tasks = JoinSet::new();
         let mut renew = tokio::time::interval(CLAIM_TTL / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -163,6 +178,8 @@ impl Worker {
                 _ = renew.tick() => self.renew().await,
             }
         }
+        // No call waits for a recorder any more.
+        recorders.shutdown().await;
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, i64>> {
@@ -193,10 +210,9 @@ impl Worker {
         }
     }
 
-    /// Makes the claimed saga's pending call, holding no connection, then records the answer
-    /// and drives the saga on, if the claim is still ours.
+    /// Makes the claimed saga's pending call, holding no connection, then has a recorder record
+    /// the answer and drive the saga on, if the claim is still ours, and waits until it did.
     async fn step(&self, claim: Claimed) -> Result<(), ConsumerError> {
-        let timing = &self.config.timing;
         let Claimed { token, mut saga } = claim;
         let order_id = saga.order_id();
         let now = Utc::now();
@@ -218,28 +234,119 @@ impl Worker {
             }
             None => None,
         };
-        let mut tx = locks::begin_writer(&self.pool).await?;
-        // Everything the saga may command, then its row, locked before the first write in the
-        // one lock order of every saga path (`Work::lock`): the consumer's pages take the same.
-        // Its lines never change, so the copy claimed names the SKUs.
-        let mut work = Work::new();
-        let skus: Vec<&str> = saga.skus().collect();
-        let order = order_id.to_string();
-        work.lock(&mut tx, &skus, &[order.as_str()]).await?;
-        let Some(mut saga) = store::lock_claimed(&mut tx, order_id, token).await? else {
-            tracing::warn!(%order_id, token, "the claim was taken over during the call; its answer is not recorded");
-            return Ok(());
+        let (done, recorded) = oneshot::channel();
+        let answered = Answered {
+            token,
+            saga,
+            answer,
+            done,
         };
-        if let Some((op, answer)) = answer {
-            tracing::debug!(%order_id, ?op, ?answer, "gateway answered");
-            saga.on_gateway(op, answer, timing, Utc::now());
+        if self.answers.send(answered).await.is_err() {
+            return Err("the gateway worker's recorders stopped".into());
         }
-        drive(&mut work, &mut tx, &mut saga, timing).await?;
-        store::save_claimed(&mut tx, &saga).await?;
+        match recorded.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err("the answer's recorder stopped".into()),
+        }
+    }
+
+    /// Records answers as they arrive, as many as are waiting (up to [`RECORD_BATCH`]) in one
+    /// transaction, until the channel closes. [`RECORD_CONNECTIONS`] of these run at once.
+    async fn recorder(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut answers = self.waiting.lock().await;
+                let Some(first) = answers.recv().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < RECORD_BATCH {
+                    match answers.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            let mut done = Vec::with_capacity(batch.len());
+            let mut answered = Vec::with_capacity(batch.len());
+            for a in batch {
+                done.push(a.done);
+                answered.push((a.token, a.saga, a.answer));
+            }
+            let result = self.record(answered).await.map_err(|e| e.to_string());
+            if result.is_ok() {
+                crash::point("after_gateway_record");
+            }
+            for sender in done {
+                // The task may have ended (shutdown); then nobody waits for the answer.
+                let _ = sender.send(result.clone());
+            }
+        }
+    }
+
+    /// Records gateway answers and drives their sagas on, in one transaction: every saga whose
+    /// claim is still ours, and whatever they command next. A saga whose claim was taken over
+    /// during its call is left out (the new claimant asks again with the same key).
+    async fn record(&self, answered: Vec<Recording>) -> Result<(), ConsumerError> {
+        let timing = &self.config.timing;
+        let mut tx = locks::begin_writer(&self.pool).await?;
+        // Everything the sagas may command, then their rows, locked before the first write in
+        // the one lock order of every saga path (`Work::lock`): the consumer's pages take the
+        // same. Their lines never change, so the copies claimed name the SKUs.
+        let mut work = Work::new();
+        let skus: Vec<&str> = answered
+            .iter()
+            .flat_map(|(_, saga, _)| saga.skus())
+            .collect();
+        let orders: Vec<String> = answered
+            .iter()
+            .map(|(_, saga, _)| saga.order_id().to_string())
+            .collect();
+        let orders: Vec<&str> = orders.iter().map(String::as_str).collect();
+        work.lock(&mut tx, &skus, &orders).await?;
+        let held: Vec<(OrderId, i64)> = answered
+            .iter()
+            .map(|(token, saga, _)| (saga.order_id(), *token))
+            .collect();
+        let mut locked: HashMap<OrderId, Fulfillment> = store::lock_claimed_many(&mut tx, &held)
+            .await?
+            .into_iter()
+            .map(|saga| (saga.order_id(), saga))
+            .collect();
+        let mut recorded = Vec::with_capacity(locked.len());
+        for (token, claimed, answer) in answered {
+            let order_id = claimed.order_id();
+            let Some(mut saga) = locked.remove(&order_id) else {
+                tracing::warn!(%order_id, token, "the claim was taken over during the call; its answer is not recorded");
+                continue;
+            };
+            if let Some((op, answer)) = answer {
+                tracing::debug!(%order_id, ?op, ?answer, "gateway answered");
+                saga.on_gateway(op, answer, timing, Utc::now());
+            }
+            drive(&mut work, &mut tx, &mut saga, timing).await?;
+            recorded.push(saga);
+        }
+        work.flush(&mut tx).await?;
+        let sagas: Vec<&Fulfillment> = recorded.iter().collect();
+        store::save_claimed_many(&mut tx, &sagas).await?;
         tx.commit().await?;
-        crash::point("after_gateway_record");
         Ok(())
     }
+}
+
+/// What a recorder records for one claim: its token, the saga as claimed, and the call made
+/// with its answer (none when the saga was due without a call).
+type Recording = (i64, Fulfillment, Option<(GatewayOp, GatewayAnswer)>);
+
+/// A gateway answer waiting to be recorded, and where to say how recording went.
+struct Answered {
+    token: i64,
+    saga: Fulfillment,
+    answer: Option<(GatewayOp, GatewayAnswer)>,
+    done: oneshot::Sender<Result<(), String>>,
 }
 
 async fn notified(listener: Option<&mut PgListener>) {
