@@ -19,7 +19,10 @@
 //! - `relay --events N [--brokers B]`: the Kafka relay against a producer alone;
 //! - `lag --seconds S --rate R`: how far each projection trails the log under a steady load;
 //! - `fulfillment --seconds S --rate R [--processes N]`: placement-to-confirmed at an open-loop
-//!   rate, with the saga in the bench's server or in N processes sharing its partitions.
+//!   rate, with the saga in the bench's server or in N processes sharing its partitions;
+//! - `large-log --events N`: `restock`, `place-order` and `query` on a fresh log and on one of
+//!   N generated events, and on the large one the idle server's CPU (its own and Postgres's),
+//!   the admin views' latency and `verify`'s speed.
 //!
 //! `all` runs the first six. Each prints a table, or with `--json` one JSON object per
 //! scenario on stdout (throughput, p50/p95/p99/max latency, errors, the server's peak RSS, the
@@ -38,6 +41,7 @@ mod baseline;
 mod counters;
 mod generate;
 mod lag;
+mod large_log;
 mod load;
 mod process;
 mod relay;
@@ -115,6 +119,13 @@ enum Scenario {
         /// 127.0.0.1:9092).
         #[arg(long)]
         brokers: Option<String>,
+    },
+    /// restock, place-order and query on a fresh log and on a generated one of `--events`, the
+    /// idle server's CPU, the admin views' latency and `verify` on the large one.
+    LargeLog {
+        /// Events in the generated log.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
     },
     /// Placement-to-confirmed latency and confirmed orders per second under a steady load.
     Fulfillment {
@@ -358,6 +369,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?
         }
+        Scenario::LargeLog { events } => large_log::run(events, load, orders).await?,
         Scenario::Fulfillment {
             seconds,
             rate,

@@ -23,6 +23,7 @@ pub struct ServerProcess {
     /// A customer's bearer token.
     pub customer: String,
     child: Child,
+    pid: u32,
     peak_rss_kib: Arc<AtomicU64>,
     sampler: tokio::task::JoinHandle<()>,
 }
@@ -109,6 +110,7 @@ impl ServerProcess {
             admin: keys.mint("bench", Role::Admin, Duration::from_secs(7200))?,
             customer: keys.mint("bench-customer", Role::Customer, Duration::from_secs(7200))?,
             child,
+            pid,
             peak_rss_kib,
             sampler,
         })
@@ -135,6 +137,11 @@ impl ServerProcess {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// The largest resident set seen so far, sampled every 100 ms, in MiB.

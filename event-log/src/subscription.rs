@@ -53,7 +53,10 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Whether [`Consumer::apply`] appends events to the log. The runner then announces the
     /// page's transaction as a writer before it writes anything
-    /// (`event_store::locks::announce_writer`), as every writer of the log must.
+    /// (`event_store::locks::announce_writer`), as every writer of the log must, and checks
+    /// its checkpoint row after `apply` rather than before, so that `apply` can take its
+    /// aggregates' locks before the transaction has an id. Such an `apply` must lock every
+    /// aggregate it writes before its first row lock or write.
     fn writes_events(&self) -> bool {
         false
     }
@@ -853,25 +856,26 @@ impl Worker {
         let (page, mut tx) = self.deliver_and_begin(page).await?;
         crash::pause(&format!("before_page_lock:{name}")).await;
         self.freeze.thaw().await;
-        let held = checkpoints::lock_if_at(&mut tx, name, cursor, self.lease, self.parked_version)
-            .await
-            .map_err(|e| Failure::database(&e))?;
-        match held {
-            checkpoints::Held::Ours => {}
-            checkpoints::Held::Moved => return Ok((Step::Moved, cursor)),
-            checkpoints::Held::Fenced => {
-                tracing::warn!(
-                    consumer = name,
-                    partition,
-                    token = self.lease.token,
-                    "the lease moved on while the page was in hand; it is not applied"
-                );
-                return Ok((Step::Fenced, cursor));
+        // A page that appends events takes its aggregates' locks first, while its transaction
+        // has no id yet, and locks its checkpoint row (which gives it one) after: a page with
+        // an id that waited for a hot SKU behind another partition's page would find the SKU
+        // written by a younger transaction and have to start over (ADR 1), and under load
+        // every page on a hot SKU did. The row is locked and checked before the commit either
+        // way, so a page whose lease moved on is still never committed.
+        let check_first = !self.consumer.writes_events();
+        if check_first {
+            if let Some(step) = self.check_held(&mut tx, cursor).await? {
+                return Ok((step, cursor));
             }
         }
         if !page.is_empty() {
             if let Err(e) = self.consumer.apply(&mut tx, &page).await {
                 return Err(Failure::consumer(&e, page));
+            }
+        }
+        if !check_first {
+            if let Some(step) = self.check_held(&mut tx, cursor).await? {
+                return Ok((step, cursor));
             }
         }
         checkpoints::advance(&mut tx, name, partition, last, page.len())
@@ -882,6 +886,37 @@ impl Worker {
         }
         tx.commit().await.map_err(|e| Failure::database(&e))?;
         Ok((Step::Applied, last))
+    }
+
+    /// Locks the partition's checkpoint row in `tx` and answers `None` if it is still at
+    /// `cursor` under this worker's lease, or the step that says why the page must not commit.
+    async fn check_held(
+        &self,
+        tx: &mut PgConnection,
+        cursor: Cursor,
+    ) -> Result<Option<Step>, Failure> {
+        let held = checkpoints::lock_if_at(
+            tx,
+            self.consumer.name(),
+            cursor,
+            self.lease,
+            self.parked_version,
+        )
+        .await
+        .map_err(|e| Failure::database(&e))?;
+        Ok(match held {
+            checkpoints::Held::Ours => None,
+            checkpoints::Held::Moved => Some(Step::Moved),
+            checkpoints::Held::Fenced => {
+                tracing::warn!(
+                    consumer = self.consumer.name(),
+                    partition = self.lease.partition,
+                    token = self.lease.token,
+                    "the lease moved on while the page was in hand; it is not applied"
+                );
+                Some(Step::Fenced)
+            }
+        })
     }
 
     /// Shows a transient error in the checkpoint row (cleared by the next applied page).

@@ -2,6 +2,8 @@ use aggregates::inventory::{Product, ProductCommand, ProductEvent};
 use aggregates::values::{Quantity, Reason};
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::DomainEvent;
+use event_store::store::LoadMany;
+use event_store::unit_of_work::UnitOfWork;
 use event_store::{EventStore, Metadata, StoreError};
 use postgres_es::PostgresEventRepository;
 use testkit::TestApp;
@@ -128,4 +130,92 @@ async fn a_writer_that_did_not_announce_itself_is_refused_and_postgres_es_still_
     let events = repository.get_events::<Product>("S").await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_type, "ProductRegistered");
+}
+
+#[tokio::test]
+async fn a_unit_of_work_writes_many_streams_at_once_in_the_order_it_decided() {
+    let app = TestApp::spawn_with(orderline::Parts::NONE).await;
+    app.register_product("A", 1, 0).await;
+    app.register_product("B", 1, 0).await;
+    let mut tx = event_store::locks::begin_writer(&app.pool).await.unwrap();
+    let mut unit = UnitOfWork::new();
+    let mut wanted = LoadMany::new();
+    wanted.add::<Product>(&["B", "A"]);
+    unit.prefetch(&mut tx, &wanted).await.unwrap();
+    let restock = |n: i64| ProductCommand::Restock {
+        quantity: Quantity::parse(n).unwrap(),
+        note: None,
+    };
+    let mut decided = Vec::new();
+    for n in 1..=45 {
+        unit.execute::<Product>(&mut tx, "A", restock(n), &metadata())
+            .await
+            .unwrap()
+            .unwrap();
+        decided.push("A");
+        if n % 3 == 0 {
+            unit.execute::<Product>(&mut tx, "B", restock(n), &metadata())
+                .await
+                .unwrap()
+                .unwrap();
+            decided.push("B");
+        }
+    }
+    // Staged, not written: the log still holds the two registrations only.
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
+    unit.flush(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // In the log in the order decided, each stream in sequence order without a gap.
+    let written: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence FROM events WHERE sequence > 1 ORDER BY position",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        written
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        decided
+    );
+    for sku in ["A", "B"] {
+        let sequences: Vec<i64> = written
+            .iter()
+            .filter(|(id, _)| id == sku)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            sequences,
+            (2..2 + sequences.len() as i64).collect::<Vec<_>>()
+        );
+    }
+    // A crossed two snapshot points in the one batch: only the newer snapshot is written.
+    let snapshots: Vec<(String, i64)> =
+        sqlx::query_as("SELECT aggregate_id, last_sequence FROM snapshots ORDER BY 1")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(snapshots, vec![("A".to_owned(), 40)]);
+    let store = EventStore::new(app.pool.clone());
+    let a = store.load::<Product>("A").await.unwrap();
+    assert_eq!(
+        (a.version, a.aggregate.on_hand()),
+        (46, (1..=45).sum::<u64>())
+    );
+    let b = store.load::<Product>("B").await.unwrap();
+    assert_eq!(
+        (b.version, b.aggregate.on_hand()),
+        (16, (1..=15).map(|n| n * 3).sum::<u64>())
+    );
+    // The hash chain runs through the batch.
+    assert!(audit::verify::verify(&app.pool, &|_| {})
+        .await
+        .unwrap()
+        .is_ok());
 }
