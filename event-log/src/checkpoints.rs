@@ -331,6 +331,53 @@ pub async fn advance(
     Ok(())
 }
 
+/// [`lock_if_at`] and [`advance`] in one statement, the end of every page: moves `lease`'s
+/// partition of `consumer` from `at` to `next` after applying `applied` events, if `lease`
+/// still holds it, it is still at `at` and its parked keys are still at `parked_version`, and
+/// answers [`Held::Ours`]; otherwise changes nothing and answers why. The update locks the row
+/// to the commit, and a takeover must lock it too, so the lease cannot move between this check
+/// and the commit. Run it in the transaction that applied the events, after them.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn advance_if_at(
+    conn: &mut PgConnection,
+    consumer: &str,
+    at: Cursor,
+    lease: Lease,
+    parked_version: i64,
+    next: Cursor,
+    applied: usize,
+) -> sqlx::Result<Held> {
+    let moved: i64 = sqlx::query_scalar(
+        "WITH moved AS (
+            UPDATE checkpoints
+               SET transaction_id = $3::text::xid8, position = $4,
+                   events_applied = events_applied + $5, last_error = NULL, updated_at = now()
+             WHERE consumer = $1 AND partition = $2 AND fencing_token = $7
+               AND transaction_id = $8::text::xid8 AND position = $9 AND parked_version = $10
+         RETURNING consumer)
+         SELECT count(pg_notify($6, consumer)) FROM moved",
+    )
+    .bind(consumer)
+    .bind(partition_param(lease.partition))
+    .bind(next.transaction_id.to_string())
+    .bind(next.position)
+    .bind(i64::try_from(applied).unwrap_or(i64::MAX))
+    .bind(CHECKPOINT_CHANNEL)
+    .bind(lease.token)
+    .bind(at.transaction_id.to_string())
+    .bind(at.position)
+    .bind(parked_version)
+    .fetch_one(&mut *conn)
+    .await?;
+    if moved == 1 {
+        return Ok(Held::Ours);
+    }
+    // Rare: say why, for the runner (stop, or read again). The transaction is abandoned.
+    lock_if_at(conn, consumer, at, lease, parked_version).await
+}
+
 /// Puts every partition of a rebuilt projection's consumer at `at`, without error, with
 /// `events[p]` events applied by partition `p`: the swap of a rebuild, in its transaction
 /// (which also frees the consumer's parked keys: the rebuild applied their events). Bumps

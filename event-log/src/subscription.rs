@@ -852,35 +852,41 @@ impl Worker {
         page: Vec<LogEvent>,
     ) -> Result<(Step, Cursor), Failure> {
         let name = self.consumer.name();
-        let partition = self.lease.partition;
         let (page, mut tx) = self.deliver_and_begin(page).await?;
         crash::pause(&format!("before_page_lock:{name}")).await;
         self.freeze.thaw().await;
-        // A page that appends events takes its aggregates' locks first, while its transaction
-        // has no id yet, and locks its checkpoint row (which gives it one) after: a page with
-        // an id that waited for a hot SKU behind another partition's page would find the SKU
-        // written by a younger transaction and have to start over (ADR 1), and under load
-        // every page on a hot SKU did. The row is locked and checked before the commit either
-        // way, so a page whose lease moved on is still never committed.
-        let check_first = !self.consumer.writes_events();
-        if check_first {
-            if let Some(step) = self.check_held(&mut tx, cursor).await? {
-                return Ok((step, cursor));
-            }
-        }
+        // The checkpoint row is checked and moved after the page is applied, in one statement
+        // (`advance_if_at`), and locked from then to the commit, so a page whose lease moved on
+        // is never committed. Checking it after, not before, matters to a page that appends
+        // events: it takes its aggregates' locks while its transaction has no id yet (locking
+        // the row first would give it one), and a page with an id that waited for a hot SKU
+        // behind another partition's page would find the SKU written by a younger transaction
+        // and have to start over (ADR 1); under load, every page on a hot SKU did.
         if !page.is_empty() {
             if let Err(e) = self.consumer.apply(&mut tx, &page).await {
+                drop(tx);
+                // A page whose lease moved on can fail only because its new owner applied it
+                // meanwhile: that is no failure of the events.
+                if let Some(step) = self.refused_now(cursor).await {
+                    return Ok((step, cursor));
+                }
                 return Err(Failure::consumer(&e, page));
             }
         }
-        if !check_first {
-            if let Some(step) = self.check_held(&mut tx, cursor).await? {
-                return Ok((step, cursor));
-            }
+        let held = checkpoints::advance_if_at(
+            &mut tx,
+            name,
+            cursor,
+            self.lease,
+            self.parked_version,
+            last,
+            page.len(),
+        )
+        .await
+        .map_err(|e| Failure::database(&e))?;
+        if let Some(step) = self.refused(held) {
+            return Ok((step, cursor));
         }
-        checkpoints::advance(&mut tx, name, partition, last, page.len())
-            .await
-            .map_err(|e| Failure::database(&e))?;
         if !page.is_empty() {
             crash::point(&format!("before_checkpoint_commit:{name}"));
         }
@@ -888,23 +894,10 @@ impl Worker {
         Ok((Step::Applied, last))
     }
 
-    /// Locks the partition's checkpoint row in `tx` and answers `None` if it is still at
-    /// `cursor` under this worker's lease, or the step that says why the page must not commit.
-    async fn check_held(
-        &self,
-        tx: &mut PgConnection,
-        cursor: Cursor,
-    ) -> Result<Option<Step>, Failure> {
-        let held = checkpoints::lock_if_at(
-            tx,
-            self.consumer.name(),
-            cursor,
-            self.lease,
-            self.parked_version,
-        )
-        .await
-        .map_err(|e| Failure::database(&e))?;
-        Ok(match held {
+    /// `None` when the checkpoint was `Ours`; otherwise the step that says why the page must
+    /// not commit.
+    fn refused(&self, held: checkpoints::Held) -> Option<Step> {
+        match held {
             checkpoints::Held::Ours => None,
             checkpoints::Held::Moved => Some(Step::Moved),
             checkpoints::Held::Fenced => {
@@ -916,7 +909,19 @@ impl Worker {
                 );
                 Some(Step::Fenced)
             }
-        })
+        }
+    }
+
+    /// [`Worker::refused`] for the checkpoint as it is now, outside the page's transaction (a
+    /// failed page's is aborted). `None` also when it cannot be read: the failure stands.
+    async fn refused_now(&self, cursor: Cursor) -> Option<Step> {
+        let mut conn = self.pool.acquire().await.ok()?;
+        let name = self.consumer.name();
+        let held =
+            checkpoints::lock_if_at(&mut conn, name, cursor, self.lease, self.parked_version)
+                .await
+                .ok()?;
+        self.refused(held)
     }
 
     /// Shows a transient error in the checkpoint row (cleared by the next applied page).
