@@ -669,6 +669,9 @@ impl Worker {
         let mut batch = self.batch_size();
         let mut failures = 0u32;
         let mut held_back = 0u32;
+        // Whether the last wait ended on the polling interval rather than a NOTIFY: a caught-up
+        // partition then most likely has nothing, and one probe says so.
+        let mut polled = false;
         let mut at: Option<Cursor> = None;
         while !self.stopping() {
             if !self.parked.is_empty() && self.parked_read.elapsed() >= self.config.poll_interval {
@@ -709,7 +712,7 @@ impl Worker {
                 }
                 continue;
             }
-            let step = self.step(cursor, batch).await;
+            let step = self.step(cursor, batch, std::mem::take(&mut polled)).await;
             if !matches!(step, Ok((Step::HeldBack, _))) {
                 held_back = 0;
             }
@@ -721,7 +724,7 @@ impl Worker {
                 }
                 Ok((Step::Moved, _)) => at = None,
                 Ok((Step::Fenced, _)) => return,
-                Ok((Step::Idle, _)) => self.idle().await,
+                Ok((Step::Idle, _)) => polled = !self.idle().await,
                 Ok((Step::HeldBack, _)) => {
                     // Most holding transactions last milliseconds; some last long. Look again
                     // soon, then less often.
@@ -788,19 +791,28 @@ impl Worker {
         }
     }
 
-    /// Waits for a NOTIFY of this partition or the polling interval.
-    async fn idle(&mut self) {
+    /// Waits for a NOTIFY of this partition or the polling interval; answers whether a NOTIFY
+    /// (or a stop) ended the wait.
+    async fn idle(&mut self) -> bool {
         let poll = self.config.poll_interval;
         tokio::select! {
-            _ = self.woken.changed() => {}
-            () = tokio::time::sleep(poll) => {}
-            _ = self.stopped.changed() => {}
-            _ = self.process_stopped.changed() => {}
+            _ = self.woken.changed() => true,
+            () = tokio::time::sleep(poll) => false,
+            _ = self.stopped.changed() => true,
+            _ = self.process_stopped.changed() => true,
         }
     }
 
     /// Reads a page after `cursor` and applies it; answers what happened and the cursor after.
-    async fn step(&self, cursor: Cursor, limit: i64) -> Result<(Step, Cursor), Failure> {
+    /// With `probe`, looks past the cursor first ([`reader::partition_tail`], one statement)
+    /// and reads a page only if an event of the partition is readable: an idle poll costs one
+    /// statement, not two.
+    async fn step(
+        &self,
+        cursor: Cursor,
+        limit: i64,
+        probe: bool,
+    ) -> Result<(Step, Cursor), Failure> {
         let name = self.consumer.name();
         let partition = self.lease.partition;
         let mut conn = self
@@ -808,13 +820,29 @@ impl Worker {
             .acquire()
             .await
             .map_err(|e| Failure::database(&e))?;
-        let mut page = reader::read_partition(&mut conn, self.partitions, partition, cursor, limit)
-            .await
-            .map_err(|e| Failure::database(&e))?;
+        let probed = match probe {
+            true => Some(
+                reader::partition_tail(&mut conn, self.partitions, partition, cursor)
+                    .await
+                    .map_err(|e| Failure::database(&e))?,
+            ),
+            false => None,
+        };
+        let mut page = match probed {
+            None | Some(reader::Tail::Readable) => {
+                reader::read_partition(&mut conn, self.partitions, partition, cursor, limit)
+                    .await
+                    .map_err(|e| Failure::database(&e))?
+            }
+            Some(_) => Vec::new(),
+        };
         let Some(last) = page.last().map(LogEvent::cursor) else {
-            let tail = reader::partition_tail(&mut conn, self.partitions, partition, cursor)
-                .await
-                .map_err(|e| Failure::database(&e))?;
+            let tail = match probed {
+                Some(tail) => tail,
+                None => reader::partition_tail(&mut conn, self.partitions, partition, cursor)
+                    .await
+                    .map_err(|e| Failure::database(&e))?,
+            };
             drop(conn);
             return match tail {
                 reader::Tail::HeldBack => Ok((Step::HeldBack, cursor)),

@@ -15,7 +15,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// triggers) costs more than running it. Unless the URL names one, each session's
 /// `application_name` is `orderline:PID`, so that `pg_stat_activity` (and the horizon holders
 /// of the admin view) tell which process a connection belongs to, as lease owners
-/// (`host:PID:run`) do.
+/// (`host:PID:run`) do. Connections are not pinged when taken from the pool.
 ///
 /// # Errors
 /// [`StoreError::Database`] if the URL is invalid or the server cannot be reached.
@@ -27,6 +27,11 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
+        // sqlx pings a pooled connection each time it hands it out: a round trip more for
+        // every command, page and query, for a check that a dead connection fails anyway on
+        // its first statement (every caller retries or answers 500; nothing is acknowledged on
+        // a failed transaction), after which the pool drops it.
+        .test_before_acquire(false)
         .connect_with(options)
         .await?;
     Ok(pool)

@@ -86,10 +86,13 @@ impl GatewayWorker {
         let pool = PgPoolOptions::new()
             .max_connections(RECORD_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(120))
+            // No ping per acquire, as `event_store::connect`.
+            .test_before_acquire(false)
             .connect_lazy_with(options.clone());
         let control = PgPoolOptions::new()
             .max_connections(CONTROL_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(false)
             .connect_lazy_with(options);
         let (stop, stopped) = watch::channel(false);
         let (answers, waiting) = mpsc::channel(config.concurrency.max(1));
@@ -140,10 +143,16 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let mut renew = tokio::time::interval(CLAIM_TTL / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Whether to claim before waiting again: at the start, after a wake-up (a NOTIFY, the
+        // poll, a claim that found rows) and when a call ends while every slot was taken. A
+        // call that ends otherwise only frees a slot nobody waits for: claiming then would
+        // cost two statements per order for nothing.
+        let mut claim_now = true;
+        let mut wait = self.config.idle_poll;
         while !*stopped.borrow() {
             let free = self.config.concurrency.saturating_sub(tasks.len());
-            let mut wait = self.config.idle_poll;
-            if free > 0 {
+            if claim_now && free > 0 {
+                wait = self.config.idle_poll;
                 let limit = i64::try_from(free).unwrap_or(i64::MAX);
                 match store::claim(&self.control, &self.owner, CLAIM_TTL, limit).await {
                     Ok(claimed) if !claimed.is_empty() => {
@@ -163,11 +172,22 @@ impl Worker {
                     Err(e) => tracing::warn!(error = %e, "cannot claim due sagas"),
                 }
             }
+            let full = free == 0;
+            claim_now = true;
+            let started = tokio::time::Instant::now();
             tokio::select! {
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                    claim_now = full;
+                    // The time waited counts against the wait for the next due call.
+                    wait = wait.saturating_sub(started.elapsed());
+                }
                 _ = notified(listener.as_mut()) => {}
                 _ = stopped.changed() => {}
-                _ = renew.tick() => self.renew().await,
+                _ = renew.tick() => {
+                    self.renew().await;
+                    claim_now = false;
+                    wait = wait.saturating_sub(started.elapsed());
+                }
                 () = tokio::time::sleep(wait) => {}
             }
         }
