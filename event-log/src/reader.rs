@@ -370,25 +370,52 @@ pub enum Tail {
 /// from the horizon to the newest event, compared with the cursor only then. A backward scan
 /// bounded below by the row comparison `(transaction_id, position) > cursor` stops only at
 /// the first column, so it would walk every event of the cursor's transaction: a whole
-/// import, on every poll. Public so that tests can check its plan on a large log.
+/// import, on every poll. When no event at all lies past the cursor (an idle log), the newest
+/// event says so and the horizon, which reads the lock table, is not computed: an idle
+/// server's polls then cost Postgres one index probe each. Public so that tests can check its
+/// plan on a large log.
 pub fn partition_tail_sql(partitions: u32, partition: u32) -> String {
     let mask = partitions.max(1) - 1;
     format!(
-        "WITH h AS MATERIALIZED (SELECT {HORIZON_SQL} AS horizon)
-         SELECT (SELECT CASE WHEN (n.transaction_id, n.position) > ($1::text::xid8, $2)
+        "WITH newest AS MATERIALIZED (
+                  SELECT (e.transaction_id, e.position) > ($1::text::xid8, $2) AS past
+                    FROM events e ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1),
+              h AS MATERIALIZED (SELECT {HORIZON_SQL} AS horizon)
+         SELECT CASE WHEN (SELECT past FROM newest) THEN
+                (SELECT CASE WHEN (n.transaction_id, n.position) > ($1::text::xid8, $2)
                              THEN ARRAY[n.transaction_id::text::bigint, n.position] END
                    FROM (SELECT e.transaction_id, e.position FROM events e
                           WHERE e.transaction_id < (SELECT horizon FROM h)
-                          ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1) AS n),
+                          ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1) AS n) END,
+                CASE WHEN (SELECT past FROM newest) THEN
                 (SELECT e.transaction_id < h.horizon FROM events e, h
                   WHERE {}
                     AND (e.transaction_id, e.position) > ($1::text::xid8, $2)
-                  ORDER BY {} LIMIT 1)",
+                  ORDER BY {} LIMIT 1) END",
         in_partition("e", mask, &partition.to_string()),
         PARTITION_ORDER
             .replace("{t}", "e")
             .replace("{mask}", &mask.to_string()),
     )
+}
+
+/// The newest event of the whole log visible now (`None` when the log is empty): one probe of
+/// the log-order index from its end. Nothing at or before it can still appear, except from
+/// writers in progress, which announce themselves by NOTIFY at commit.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn newest(conn: &mut PgConnection) -> sqlx::Result<Option<Cursor>> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM events
+          ORDER BY transaction_id DESC, position DESC LIMIT 1",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(transaction_id, position)| Cursor {
+        transaction_id,
+        position,
+    }))
 }
 
 /// Looks past an idle partition's cursor (see [`Tail`]).

@@ -157,6 +157,30 @@ impl Freeze {
     }
 }
 
+/// The log's newest event as this process last read it, shared by every worker of every
+/// consumer here: an idle worker's poll asks it first and reads its partition only when the log
+/// has grown past its cursor, so an idle process costs Postgres one statement per polling
+/// interval rather than one per partition and consumer.
+#[derive(Default)]
+struct Head(tokio::sync::Mutex<Option<(std::time::Instant, Option<Cursor>)>>);
+
+impl Head {
+    /// The newest event of the log (`None` when it is empty), read again when the last read is
+    /// older than `max_age`. Concurrent callers wait for one read.
+    async fn newest(&self, pool: &PgPool, max_age: Duration) -> sqlx::Result<Option<Cursor>> {
+        let mut cached = self.0.lock().await;
+        if let Some((at, newest)) = *cached {
+            if at.elapsed() < max_age {
+                return Ok(newest);
+            }
+        }
+        let mut conn = pool.acquire().await?;
+        let newest = reader::newest(&mut conn).await?;
+        *cached = Some((std::time::Instant::now(), newest));
+        Ok(newest)
+    }
+}
+
 /// One wake-up channel per partition, shared by every consumer's worker of that partition.
 #[derive(Clone)]
 struct Wakes(Arc<Vec<watch::Sender<u64>>>);
@@ -196,6 +220,7 @@ impl Subscriptions {
         let freeze = Arc::new(Freeze::default());
         let partitions = config.partitions.max(1);
         let wakes = Wakes::new(partitions);
+        let head = Arc::new(Head::default());
         let owner = config.owner.clone();
         let mut tasks = vec![tokio::spawn(listen(
             pool.clone(),
@@ -211,6 +236,7 @@ impl Subscriptions {
                 config: config.clone(),
                 partitions,
                 wakes: wakes.clone(),
+                head: head.clone(),
                 stopped: stopped.clone(),
                 workers: HashMap::new(),
                 stopping: Vec::new(),
@@ -375,6 +401,7 @@ struct Manager {
     config: RunnerConfig,
     partitions: u32,
     wakes: Wakes,
+    head: Arc<Head>,
     stopped: watch::Receiver<bool>,
     workers: HashMap<u32, Running>,
     stopping: Vec<Stopping>,
@@ -544,6 +571,7 @@ impl Manager {
             partitions: self.partitions,
             lease,
             woken: self.wakes.subscribe(lease.partition),
+            head: self.head.clone(),
             stopped,
             process_stopped: self.stopped.clone(),
             freeze: self.freeze.clone(),
@@ -625,6 +653,8 @@ struct Worker {
     partitions: u32,
     lease: Lease,
     woken: watch::Receiver<u64>,
+    /// The process's view of the log's newest event.
+    head: Arc<Head>,
     /// The manager's stop (lease lost, given up, or shutdown).
     stopped: watch::Receiver<bool>,
     process_stopped: watch::Receiver<bool>,
@@ -712,7 +742,13 @@ impl Worker {
                 }
                 continue;
             }
-            let step = self.step(cursor, batch, std::mem::take(&mut polled)).await;
+            let probe = std::mem::take(&mut polled);
+            if probe && self.log_is_not_past(cursor).await {
+                // Nothing was written past the cursor: still idle, and no statement of ours.
+                polled = !self.idle().await;
+                continue;
+            }
+            let step = self.step(cursor, batch, probe).await;
             if !matches!(step, Ok((Step::HeldBack, _))) {
                 held_back = 0;
             }
@@ -788,6 +824,21 @@ impl Worker {
             () = tokio::time::sleep(duration) => {}
             _ = self.stopped.changed() => {}
             _ = self.process_stopped.changed() => {}
+        }
+    }
+
+    /// Whether the log's newest event, as this process read it within the polling interval
+    /// ([`Head`]), is not past `cursor`: then a poll can only find nothing. An event written
+    /// since was announced by a NOTIFY, which wakes the partition anyway; the poll only covers
+    /// a lost one, and a read of the head at most one interval old still does.
+    async fn log_is_not_past(&self, cursor: Cursor) -> bool {
+        match self
+            .head
+            .newest(&self.pool, self.config.poll_interval)
+            .await
+        {
+            Ok(newest) => newest.is_none_or(|newest| newest <= cursor),
+            Err(_) => false,
         }
     }
 
