@@ -21,29 +21,13 @@ pub async fn write_many(conn: &mut PgConnection, sagas: &[&Fulfillment]) -> sqlx
     if sagas.is_empty() {
         return Ok(());
     }
-    let Columns {
-        ids,
-        states,
-        due,
-        deadlines,
-        data,
-    } = Columns::of(sagas)?;
-    sqlx::query(
-        "INSERT INTO sagas (order_id, state, due_at, deadline, data)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                              $5::jsonb[])
-         ON CONFLICT (order_id) DO UPDATE
-            SET state = EXCLUDED.state, due_at = EXCLUDED.due_at,
-                deadline = EXCLUDED.deadline, data = EXCLUDED.data, updated_at = now()",
-    )
-    .bind(&ids)
-    .bind(&states)
-    .bind(&due)
-    .bind(&deadlines)
-    .bind(&data)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let sql = "INSERT INTO sagas (order_id, state, due_at, deadline, data)
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[],
+                                    $4::timestamptz[], $5::jsonb[])
+               ON CONFLICT (order_id) DO UPDATE
+                  SET state = EXCLUDED.state, due_at = EXCLUDED.due_at,
+                      deadline = EXCLUDED.deadline, data = EXCLUDED.data, updated_at = now()";
+    Columns::of(sagas)?.write(conn, sql).await
 }
 
 /// The columns of many sagas, as arrays to bind.
@@ -56,6 +40,19 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
+    /// Runs `sql` with the columns bound as `$1` (order ids) to `$5` (the JSON states).
+    async fn write(self, conn: &mut PgConnection, sql: &str) -> sqlx::Result<()> {
+        sqlx::query(sql)
+            .bind(&self.ids)
+            .bind(&self.states)
+            .bind(&self.due)
+            .bind(&self.deadlines)
+            .bind(&self.data)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
     fn of(sagas: &[&'a Fulfillment]) -> sqlx::Result<Self> {
         Ok(Self {
             ids: sagas.iter().map(|s| s.order_id().as_uuid()).collect(),
@@ -265,29 +262,13 @@ pub async fn save_claimed_many(
     if sagas.is_empty() {
         return Ok(());
     }
-    let Columns {
-        ids,
-        states,
-        due,
-        deadlines,
-        data,
-    } = Columns::of(sagas)?;
-    sqlx::query(
-        "UPDATE sagas s
-            SET state = u.state, due_at = u.due_at, deadline = u.deadline, data = u.data,
-                updated_at = now(), claim_owner = NULL, claim_until = NULL
-           FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::jsonb[])
-                AS u(order_id, state, due_at, deadline, data)
-          WHERE s.order_id = u.order_id",
-    )
-    .bind(&ids)
-    .bind(&states)
-    .bind(&due)
-    .bind(&deadlines)
-    .bind(&data)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let sql = "UPDATE sagas s
+                  SET state = u.state, due_at = u.due_at, deadline = u.deadline, data = u.data,
+                      updated_at = now(), claim_owner = NULL, claim_until = NULL
+                 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                             $5::jsonb[]) AS u(order_id, state, due_at, deadline, data)
+                WHERE s.order_id = u.order_id";
+    Columns::of(sagas)?.write(conn, sql).await
 }
 
 /// When the next gateway call can be claimed (due, and any claim on it expired), if any is
