@@ -75,3 +75,70 @@ fn every_scenario_runs_and_reports() {
     assert!(!scenario("replay").is_empty(), "{reports:?}");
     assert!(!scenario("relay").is_empty(), "{reports:?}");
 }
+
+/// Runs the bench with `args` and answers its JSON reports.
+fn reports(args: &[&str]) -> Vec<Value> {
+    let output = Command::new(env!("CARGO_BIN_EXE_orderline-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the bench failed: {stderr}");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn fulfillment_counts_statements_per_confirmed_order() {
+    let reports = reports(&["--json", "fulfillment", "--seconds", "2", "--rate", "20"]);
+    let report = &reports[0];
+    assert_eq!(report["confirmed"], report["orders_placed"], "{report}");
+    // scripts/ensure-postgres preloads pg_stat_statements on the test server.
+    let statements = report["statements_per_confirmed"].as_f64().unwrap();
+    assert!(statements > 3.0, "{report}");
+    assert!(report["explicit_transactions_per_confirmed"].as_f64().unwrap() >= 1.0);
+    assert!(!report["top_statements"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn the_large_log_scenario_measures_idle_admin_views_and_verify() {
+    let reports = reports(&[
+        "--json",
+        "--connections",
+        "4",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--orders",
+        "40",
+        "large-log",
+        "--events",
+        "3000",
+    ]);
+    let subject = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r["subject"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {reports:?}"))
+    };
+    for shape in ["restock", "place-order", "query"] {
+        let on_large = reports
+            .iter()
+            .find(|r| r["scenario"].as_str() == Some(&format!("{shape}@3000")))
+            .unwrap_or_else(|| panic!("no {shape} on the large log: {reports:?}"));
+        assert!(on_large["vs_fresh_log"].as_f64().unwrap() > 0.0, "{on_large}");
+        assert_eq!(on_large["errors"], 0, "{on_large}");
+    }
+    assert!(subject("idle")["total_cpu_percent_of_a_core"].is_number());
+    assert!(subject("GET /metrics")["p99_ms"].is_number());
+    let verify = subject("verify");
+    // The generated events and those the scenarios wrote on top.
+    assert!(verify["events"].as_u64().unwrap() > 3000, "{verify}");
+    for projection in ["orders", "inventory", "payments"] {
+        assert_eq!(verify["projections"][projection]["outcome"], "same", "{verify}");
+    }
+}

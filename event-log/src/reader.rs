@@ -399,6 +399,12 @@ pub fn partition_tail_sql(partitions: u32, partition: u32) -> String {
     )
 }
 
+/// The statement behind [`newest`], public so that tests can check its plan on a large log. The
+/// order names the table's columns: unqualified, they would be the output's casts, and
+/// Postgres would sort the whole log.
+pub const NEWEST_SQL: &str = "SELECT transaction_id::text::bigint, position FROM events
+  ORDER BY events.transaction_id DESC, events.position DESC LIMIT 1";
+
 /// The newest event of the whole log visible now (`None` when the log is empty): one probe of
 /// the log-order index from its end. Nothing at or before it can still appear, except from
 /// writers in progress, which announce themselves by NOTIFY at commit.
@@ -406,11 +412,8 @@ pub fn partition_tail_sql(partitions: u32, partition: u32) -> String {
 /// # Errors
 /// The database error, if any.
 pub async fn newest(conn: &mut PgConnection) -> sqlx::Result<Option<Cursor>> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::bigint, position FROM events
-          ORDER BY transaction_id DESC, position DESC LIMIT 1",
-    )
-    .fetch_optional(conn)
+    let row: Option<(i64, i64)> = sqlx::query_as(NEWEST_SQL)
+        .fetch_optional(conn)
     .await?;
     Ok(row.map(|(transaction_id, position)| Cursor {
         transaction_id,
