@@ -412,9 +412,7 @@ pub const NEWEST_SQL: &str = "SELECT transaction_id::text::bigint, position FROM
 /// # Errors
 /// The database error, if any.
 pub async fn newest(conn: &mut PgConnection) -> sqlx::Result<Option<Cursor>> {
-    let row: Option<(i64, i64)> = sqlx::query_as(NEWEST_SQL)
-        .fetch_optional(conn)
-    .await?;
+    let row: Option<(i64, i64)> = sqlx::query_as(NEWEST_SQL).fetch_optional(conn).await?;
     Ok(row.map(|(transaction_id, position)| Cursor {
         transaction_id,
         position,
