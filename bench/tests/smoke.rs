@@ -8,8 +8,8 @@ use serde_json::Value;
 
 #[test]
 fn every_scenario_runs_and_reports() {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_orderline-bench"));
-    command.args([
+    let brokers = std::env::var("ORDERLINE_TEST_KAFKA_BROKERS").ok();
+    let mut args = vec![
         "--json",
         "--connections",
         "4",
@@ -22,18 +22,11 @@ fn every_scenario_runs_and_reports() {
         "all",
         "--events",
         "3000",
-    ]);
-    if let Ok(brokers) = std::env::var("ORDERLINE_TEST_KAFKA_BROKERS") {
-        command.args(["--brokers", &brokers]);
+    ];
+    if let Some(brokers) = &brokers {
+        args.extend(["--brokers", brokers.as_str()]);
     }
-    let output = command.output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the bench failed: {stderr}");
-    let reports: Vec<Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let reports = reports(&args);
     let scenario = |name: &str| {
         reports
             .iter()
