@@ -156,7 +156,8 @@ pub async fn acquire(
 
 /// Extends `leases` by `ttl` from now and answers those still held; a lease missing from the
 /// answer was taken over (its worker must stop). A lease that expired but was not taken is
-/// still the holder's: no one else applied a page.
+/// still the holder's: no one else applied a page. Rows are locked in partition order, so a
+/// renewal and a page of several partitions ([`advance_many_if_at`]) never deadlock.
 ///
 /// # Errors
 /// The database error, if any.
@@ -171,10 +172,16 @@ pub async fn renew(
     }
     let (partitions, tokens) = columns(leases);
     let kept: Vec<(i32, i64)> = sqlx::query_as(
-        "UPDATE checkpoints c SET lease_until = clock_timestamp() + make_interval(secs => $4)
-           FROM unnest($2::int4[], $3::int8[]) AS held(partition, token)
-          WHERE c.consumer = $1 AND c.partition = held.partition
-            AND c.fencing_token = held.token
+        "WITH locked AS (
+              SELECT c.partition FROM checkpoints c
+                JOIN unnest($2::int4[], $3::int8[]) AS held(partition, token)
+                  ON held.partition = c.partition AND held.token = c.fencing_token
+               WHERE c.consumer = $1
+               ORDER BY c.partition
+                 FOR UPDATE OF c)
+         UPDATE checkpoints c SET lease_until = clock_timestamp() + make_interval(secs => $4)
+           FROM locked
+          WHERE c.consumer = $1 AND c.partition = locked.partition
       RETURNING c.partition, c.fencing_token",
     )
     .bind(consumer)
@@ -202,7 +209,7 @@ fn columns(leases: &[Lease]) -> (Vec<i32>, Vec<i64>) {
 
 /// Gives `leases` up (at shutdown, or to even out the partitions between processes), so that
 /// another process takes them at once rather than after they expire; a lease taken over
-/// already is left alone.
+/// already is left alone. Rows are locked in partition order, as in [`renew`].
 ///
 /// # Errors
 /// The database error, if any.
@@ -216,10 +223,16 @@ pub async fn release(
     }
     let (partitions, tokens) = columns(leases);
     sqlx::query(
-        "UPDATE checkpoints c SET owner = NULL, lease_until = NULL
-           FROM unnest($2::int4[], $3::int8[]) AS held(partition, token)
-          WHERE c.consumer = $1 AND c.partition = held.partition
-            AND c.fencing_token = held.token",
+        "WITH locked AS (
+              SELECT c.partition FROM checkpoints c
+                JOIN unnest($2::int4[], $3::int8[]) AS held(partition, token)
+                  ON held.partition = c.partition AND held.token = c.fencing_token
+               WHERE c.consumer = $1
+               ORDER BY c.partition
+                 FOR UPDATE OF c)
+         UPDATE checkpoints c SET owner = NULL, lease_until = NULL
+           FROM locked
+          WHERE c.consumer = $1 AND c.partition = locked.partition",
     )
     .bind(consumer)
     .bind(&partitions)
@@ -227,6 +240,91 @@ pub async fn release(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// One partition's part in [`advance_many_if_at`]: the page applied under `lease` after `at`
+/// (filtered with the parked keys at `parked_version`), `applied` events up to `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advance {
+    /// The partition and the lease its page was applied under.
+    pub lease: Lease,
+    /// Where the page started: the checkpoint must still be there.
+    pub at: Cursor,
+    /// The parked keys' version the page was filtered with.
+    pub parked_version: i64,
+    /// Where the checkpoint moves.
+    pub next: Cursor,
+    /// How many events the page applied.
+    pub applied: usize,
+}
+
+/// [`advance_if_at`] for several partitions of `consumer` in one statement: every row is
+/// checked and locked (in partition order, as every statement that locks several rows does,
+/// so two of them never wait for each other) and moved, or none is. Answers whether all moved;
+/// if not, the caller must abandon the transaction (some rows may be moved in it) and look at
+/// each partition alone.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn advance_many_if_at(
+    conn: &mut PgConnection,
+    consumer: &str,
+    pages: &[Advance],
+) -> sqlx::Result<bool> {
+    let mut partitions = Vec::with_capacity(pages.len());
+    let mut tokens = Vec::with_capacity(pages.len());
+    let mut at_ids = Vec::with_capacity(pages.len());
+    let mut at_positions = Vec::with_capacity(pages.len());
+    let mut versions = Vec::with_capacity(pages.len());
+    let mut next_ids = Vec::with_capacity(pages.len());
+    let mut next_positions = Vec::with_capacity(pages.len());
+    let mut applied = Vec::with_capacity(pages.len());
+    for page in pages {
+        partitions.push(partition_param(page.lease.partition));
+        tokens.push(page.lease.token);
+        at_ids.push(page.at.transaction_id.to_string());
+        at_positions.push(page.at.position);
+        versions.push(page.parked_version);
+        next_ids.push(page.next.transaction_id.to_string());
+        next_positions.push(page.next.position);
+        applied.push(i64::try_from(page.applied).unwrap_or(i64::MAX));
+    }
+    let moved: i64 = sqlx::query_scalar(
+        "WITH page AS (
+              SELECT * FROM unnest($2::int4[], $3::int8[], $4::text[], $5::int8[], $6::int8[],
+                                   $7::text[], $8::int8[], $9::int8[])
+                         AS p(partition, token, at_id, at_position, parked_version,
+                              next_id, next_position, applied)),
+              locked AS (
+              SELECT c.partition FROM checkpoints c JOIN page p ON p.partition = c.partition
+               WHERE c.consumer = $1 AND c.fencing_token = p.token
+                 AND c.transaction_id = p.at_id::xid8 AND c.position = p.at_position
+                 AND c.parked_version = p.parked_version
+               ORDER BY c.partition
+                 FOR UPDATE OF c),
+              moved AS (
+              UPDATE checkpoints c
+                 SET transaction_id = p.next_id::xid8, position = p.next_position,
+                     events_applied = c.events_applied + p.applied, last_error = NULL,
+                     updated_at = now()
+                FROM page p, locked l
+               WHERE c.consumer = $1 AND c.partition = l.partition AND p.partition = l.partition
+           RETURNING c.consumer)
+         SELECT count(pg_notify($10, consumer)) FROM moved",
+    )
+    .bind(consumer)
+    .bind(&partitions)
+    .bind(&tokens)
+    .bind(&at_ids)
+    .bind(&at_positions)
+    .bind(&versions)
+    .bind(&next_ids)
+    .bind(&next_positions)
+    .bind(&applied)
+    .bind(CHECKPOINT_CHANNEL)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(usize::try_from(moved).is_ok_and(|moved| moved == pages.len()))
 }
 
 /// What [`lock_if_at`] found.

@@ -302,6 +302,62 @@ pub async fn read_partition(
         .await
 }
 
+/// The statement behind [`read_partitions`] (`$1` the partitions, `$2` their cursors'
+/// transaction ids as text, `$3` their positions, `$4` the limit per partition), public so that
+/// tests can check its plan on a large log. Each partition's page is a lateral walk of the
+/// partition index from its cursor, as [`partition_page_sql`]'s, below one horizon computed
+/// once for all of them.
+pub fn partitions_page_sql(partitions: u32) -> String {
+    let mask = partitions.max(1) - 1;
+    format!(
+        "WITH h AS MATERIALIZED (SELECT {HORIZON_SQL} AS horizon)
+         SELECT page.*
+           FROM unnest($1::int4[], $2::text[], $3::int8[]) AS p(partition, transaction_id, position),
+                LATERAL (
+                  SELECT {LOG_EVENT_COLUMNS}
+                    FROM events
+                   WHERE {}
+                     AND (events.transaction_id, events.position) > (p.transaction_id::xid8, p.position)
+                     AND events.transaction_id < (SELECT horizon FROM h)
+                   ORDER BY {}
+                   LIMIT $4) AS page",
+        in_partition("events", mask, "p.partition"),
+        PARTITION_ORDER
+            .replace("{t}", "events")
+            .replace("{mask}", &mask.to_string()),
+    )
+}
+
+/// [`read_partition`] for several partitions (of `partitions`) in one statement: up to `limit`
+/// events of each after its cursor in `after`, below one horizon, each partition's in log
+/// order. The same rules: outside a transaction, or before it writes.
+///
+/// # Errors
+/// The database error, if any.
+pub async fn read_partitions(
+    conn: &mut PgConnection,
+    partitions: u32,
+    after: &[(u32, Cursor)],
+    limit: i64,
+) -> sqlx::Result<Vec<LogEvent>> {
+    let mut numbers = Vec::with_capacity(after.len());
+    let mut transaction_ids = Vec::with_capacity(after.len());
+    let mut positions = Vec::with_capacity(after.len());
+    for (partition, cursor) in after {
+        numbers.push(i32::try_from(*partition).unwrap_or(i32::MAX));
+        transaction_ids.push(cursor.transaction_id.to_string());
+        positions.push(cursor.position);
+    }
+    sqlx::query_as(&partitions_page_sql(partitions))
+        .bind(numbers)
+        .bind(transaction_ids)
+        .bind(positions)
+        .bind(limit)
+        .persistent(true)
+        .fetch_all(conn)
+        .await
+}
+
 /// Reads up to `limit` events of one key (an aggregate id) of one partition (of `partitions`),
 /// in log order, from `from` (the event at `from` itself too when `inclusive`) up to and
 /// including `upto`: the events a parked key holds back (see [`crate::parked`]). They are all

@@ -12,9 +12,11 @@
 //!   statement every third of the lease time. When a process dies or freezes its leases expire
 //!   and the others take them with higher tokens;
 //! - per held partition, one worker: it reads a page of its partition after its checkpoint,
-//!   locks the checkpoint row, checks that it did not move and that the lease's token is still
-//!   there (a worker that woke after a takeover commits nothing), applies the page and advances
-//!   the checkpoint, all in one transaction;
+//!   applies it, and checks that the checkpoint did not move and that the lease's token is
+//!   still there (a worker that woke after a takeover commits nothing) as it advances the
+//!   checkpoint, all in one transaction. Workers whose pages go through hand them to the
+//!   consumer's group ([`group`]), which applies the pages of every partition waiting in one
+//!   transaction;
 //! - on failure a worker retries with exponential back-off, narrowing to one event at a time;
 //!   an event that keeps failing parks its key (the aggregate id; [`crate::parked`]): the
 //!   checkpoint moves past it, the key's later events wait behind it in order, every other key
@@ -36,6 +38,8 @@ use tracing::Instrument;
 use crate::checkpoints::{self, Lease};
 use crate::parked::{self, Action, ParkedKey, ParkedSet};
 use crate::{crash, processes, reader, Cursor, LogEvent, NOTIFY_CHANNEL};
+
+mod group;
 
 /// The error a consumer reports for a page it could not apply.
 pub type ConsumerError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,8 +65,9 @@ pub trait Consumer: Send + Sync + 'static {
         false
     }
 
-    /// Applies `events` (consecutive, in log order) using `tx`, the transaction in which the
-    /// checkpoint then moves past them. Everything it writes must go through `tx`; an error
+    /// Applies `events` (in log order; a page may hold events of several of the consumer's
+    /// partitions, each partition's consecutive) using `tx`, the transaction in which their
+    /// checkpoints then move past them. Everything it writes must go through `tx`; an error
     /// rolls the whole page back and the page is offered again.
     async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError>;
 
@@ -232,7 +237,6 @@ impl Subscriptions {
             let manager = Manager {
                 pool: pool.clone(),
                 owner: owner.clone(),
-                consumer,
                 config: config.clone(),
                 partitions,
                 wakes: wakes.clone(),
@@ -241,6 +245,14 @@ impl Subscriptions {
                 workers: HashMap::new(),
                 stopping: Vec::new(),
                 freeze: freeze.clone(),
+                group: Arc::new(group::Group::new(
+                    pool.clone(),
+                    consumer.clone(),
+                    config.clone(),
+                    partitions,
+                    freeze.clone(),
+                )),
+                consumer,
             };
             tasks.push(tokio::spawn(manager.run()));
         }
@@ -406,6 +418,8 @@ struct Manager {
     workers: HashMap<u32, Running>,
     stopping: Vec<Stopping>,
     freeze: Arc<Freeze>,
+    /// The consumer's pages of several partitions at once, shared by its workers.
+    group: Arc<group::Group>,
 }
 
 impl Manager {
@@ -575,6 +589,7 @@ impl Manager {
             stopped,
             process_stopped: self.stopped.clone(),
             freeze: self.freeze.clone(),
+            group: self.group.clone(),
             parked: ParkedSet::new(),
             parked_version: 0,
             parked_read: std::time::Instant::now(),
@@ -602,6 +617,28 @@ impl Manager {
             }
         }
     }
+}
+
+/// Begins a page's transaction: a bounded idle time (a worker frozen inside a page, its row
+/// locked, would keep every other process from taking the lease; Postgres ends such a
+/// transaction after three lease times) and, for a consumer that appends events, the writer's
+/// announcement before its first write (`writes`: the page is not empty).
+async fn begin_page(
+    pool: &PgPool,
+    consumer: &dyn Consumer,
+    config: &RunnerConfig,
+    writes: bool,
+) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let idle_ms = (config.lease_ttl * 3).as_millis();
+    let announce = if consumer.writes_events() && writes {
+        format!("; {}", event_store::locks::ANNOUNCE_WRITER_SQL)
+    } else {
+        String::new()
+    };
+    pool.begin_with(format!(
+        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}{announce}"
+    ))
+    .await
 }
 
 /// What one step of a worker did.
@@ -660,6 +697,8 @@ struct Worker {
     process_stopped: watch::Receiver<bool>,
     /// The runner's freeze (fault tests), waited out before each page's lock.
     freeze: Arc<Freeze>,
+    /// Where the next page goes while this partition's pages go through (see [`group`]).
+    group: Arc<group::Group>,
     /// The partition's parked keys, as last read with the checkpoint; pages pass over their
     /// events.
     parked: ParkedSet,
@@ -702,6 +741,8 @@ impl Worker {
         // Whether the last wait ended on the polling interval rather than a NOTIFY: a caught-up
         // partition then most likely has nothing, and one probe says so.
         let mut polled = false;
+        // The last group this partition was in did not commit: its next page goes alone.
+        let mut alone = false;
         let mut at: Option<Cursor> = None;
         while !self.stopping() {
             if !self.parked.is_empty() && self.parked_read.elapsed() >= self.config.poll_interval {
@@ -748,7 +789,34 @@ impl Worker {
                 polled = !self.idle().await;
                 continue;
             }
-            let step = self.step(cursor, batch, probe).await;
+            // A page that goes through goes with the group's (one read, one transaction, one
+            // checkpoint statement for every partition of the consumer with work); anything
+            // else, and the page after a group that did not commit, goes alone.
+            let grouped = !probe
+                && !alone
+                && failures == 0
+                && self.parked.is_empty()
+                && batch == self.batch_size();
+            let step = if grouped {
+                let request = group::Request {
+                    lease: self.lease,
+                    cursor,
+                    parked_version: self.parked_version,
+                };
+                match self.group.page(request).await {
+                    group::Outcome::Applied(next) => Ok((Step::Applied, next)),
+                    group::Outcome::Empty => self.step(cursor, batch, true).await,
+                    group::Outcome::Alone => {
+                        alone = true;
+                        self.step(cursor, batch, false).await
+                    }
+                }
+            } else {
+                self.step(cursor, batch, probe).await
+            };
+            if matches!(step, Ok((Step::Applied | Step::Idle, _))) {
+                alone = false;
+            }
             if !matches!(step, Ok((Step::HeldBack, _))) {
                 held_back = 0;
             }
@@ -1012,25 +1080,12 @@ impl Worker {
         }
     }
 
-    /// Begins a page's transaction: a bounded idle time (a worker frozen inside a page, its row
-    /// locked, would keep every other process from taking the lease; Postgres ends such a
-    /// transaction after three lease times) and, for a consumer that appends events, the
-    /// writer's announcement before its first write.
+    /// Begins a page's transaction ([`begin_page`]).
     async fn begin(
         &self,
         writes: bool,
     ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        let idle_ms = (self.config.lease_ttl * 3).as_millis();
-        let announce = if self.consumer.writes_events() && writes {
-            format!("; {}", event_store::locks::ANNOUNCE_WRITER_SQL)
-        } else {
-            String::new()
-        };
-        self.pool
-            .begin_with(format!(
-                "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}{announce}"
-            ))
-            .await
+        begin_page(&self.pool, &*self.consumer, &self.config, writes).await
     }
 
     /// Hands a non-empty `page` to the consumer's outside world ([`Consumer::deliver`]), then

@@ -134,6 +134,28 @@ async fn polling_and_admin_statements_stay_bounded_on_a_log_of_a_million_events(
         "a partition page of 1000 events from the start touched {from_start} blocks"
     );
 
+    // A group's page of several partitions walks each one's index range, as the page of one.
+    let group = event_log::reader::partitions_page_sql(16);
+    let types = "int4[], text[], int8[], bigint";
+    let caught_up = blocks(
+        &app,
+        &group,
+        types,
+        &format!(
+            "'{{3,7,12}}', '{{{head_tx},{head_tx},{head_tx}}}', '{{{head},{head},{head}}}', 300"
+        ),
+    )
+    .await;
+    assert!(
+        caught_up < 40,
+        "a caught-up group page of three partitions touched {caught_up} blocks"
+    );
+    let from_start = blocks(&app, &group, types, "'{3,7,12}', '{0,0,0}', '{0,0,0}', 300").await;
+    assert!(
+        from_start < 1_200,
+        "a group page of 3 x 300 events from the start touched {from_start} blocks"
+    );
+
     let limit = (event_log::checkpoints::EXACT_LAG_LIMIT / 16).to_string();
     let consumers = blocks(
         &app,

@@ -31,19 +31,25 @@ impl Consumer for Recorder {
     }
 
     async fn apply(&self, tx: &mut PgConnection, events: &[LogEvent]) -> Result<(), ConsumerError> {
+        // A page may hold several partitions' events (a group's page); each is recorded with
+        // its own partition's lease.
         let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
-        let partition = events.first().map_or(0, |e| e.partition(PARTITIONS));
-        // The runner locked this row and checked its token before calling: what it holds now
-        // is the lease this page commits under.
+        let partitions = events
+            .iter()
+            .map(|e| i32::try_from(e.partition(PARTITIONS)))
+            .collect::<Result<Vec<i32>, _>>()?;
+        // The runner checks each partition's row (and its token) in the page's transaction
+        // after this and commits only if it still holds it, so what a row holds now is the
+        // lease its partition's events commit under, or the page does not commit.
         sqlx::query(
             "INSERT INTO lease_record (position, partition, owner, token)
-             SELECT p, c.partition, c.owner, c.fencing_token
-               FROM unnest($1::int8[]) AS p, checkpoints c
-              WHERE c.consumer = $2 AND c.partition = $3",
+             SELECT e.position, c.partition, c.owner, c.fencing_token
+               FROM unnest($1::int8[], $2::int4[]) AS e(position, partition)
+               JOIN checkpoints c ON c.consumer = $3 AND c.partition = e.partition",
         )
         .bind(&positions)
+        .bind(&partitions)
         .bind(CONSUMER)
-        .bind(i32::try_from(partition)?)
         .execute(&mut *tx)
         .await?;
         Ok(())
