@@ -79,6 +79,14 @@ pub trait Consumer: Send + Sync + 'static {
         None
     }
 
+    /// Whether pages of several of its partitions may go in one transaction (see [`group`]):
+    /// yes for a consumer whose cost is per page (read, checkpoint, commit). A consumer whose
+    /// pages lock shared rows (the saga, its SKUs) keeps them apart: a page of many partitions
+    /// would hold more locks at once, and its pages would wait for each other.
+    fn pages_together(&self) -> bool {
+        true
+    }
+
     /// Hands `events` to something outside Postgres (the Kafka relay's broker) before the
     /// page's transaction writes anything. The checkpoint moves past them only after this
     /// returned `Ok`, so delivery is at least once: a crash in between delivers them again.
@@ -792,7 +800,8 @@ impl Worker {
             // A page that goes through goes with the group's (one read, one transaction, one
             // checkpoint statement for every partition of the consumer with work); anything
             // else, and the page after a group that did not commit, goes alone.
-            let grouped = !probe
+            let grouped = self.consumer.pages_together()
+                && !probe
                 && !alone
                 && failures == 0
                 && self.parked.is_empty()

@@ -7,9 +7,12 @@
 //! reads all of them in one statement, applies them in one transaction and moves every
 //! checkpoint in one more, each still checked against its own cursor, lease and parked keys.
 //!
-//! The group is group commit: a worker queues its partition and waits for the group's lock;
-//! whoever takes it applies everything queued by then, its own request included, while the
-//! next requests queue behind it. A group that cannot commit as a whole (a page fails, a
+//! The group is group commit: a worker queues its partition and waits for one of the group's
+//! [`IN_FLIGHT`] permits; whoever gets one applies everything queued by then, its own request
+//! included, while the next requests queue behind it. A worker whose request another one took
+//! along waits for its answer without a permit. Under light load each page goes alone, as it
+//! would without the group; under load, pages queue while the transactions in flight run and
+//! go together. A group that cannot commit as a whole (a page fails, a
 //! checkpoint moved, a lease was taken over) commits nothing, and each of its workers takes
 //! its next page alone, where the failure is narrowed down, parked or fenced as ever: the group
 //! is only the fast path of pages that go through.
@@ -18,7 +21,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{oneshot, Semaphore};
 use tracing::Instrument;
 
 use super::{begin_page, Consumer, Freeze, RunnerConfig};
@@ -47,6 +50,11 @@ pub(super) enum Outcome {
     Alone,
 }
 
+/// Group transactions of one consumer in flight at once in a process: enough that a page
+/// waiting for a lock or a commit does not hold back the others, few enough that pages queue
+/// and go together under load.
+pub(super) const IN_FLIGHT: usize = 4;
+
 struct Pending {
     request: Request,
     answer: oneshot::Sender<Outcome>,
@@ -60,8 +68,8 @@ pub(super) struct Group {
     partitions: u32,
     freeze: Arc<Freeze>,
     queue: std::sync::Mutex<Vec<Pending>>,
-    /// Held by the worker applying a group; the others queue behind it.
-    leader: Mutex<()>,
+    /// Held by each worker applying a group ([`IN_FLIGHT`] at most); the others queue.
+    permits: Semaphore,
 }
 
 impl Group {
@@ -79,7 +87,7 @@ impl Group {
             partitions,
             freeze,
             queue: std::sync::Mutex::new(Vec::new()),
-            leader: Mutex::new(()),
+            permits: Semaphore::new(IN_FLIGHT),
         }
     }
 
@@ -101,8 +109,11 @@ impl Group {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(Pending { request, answer });
-        let leader = self.leader.lock().await;
-        // The group before ours may have taken our request along.
+        let Ok(permit) = self.permits.acquire().await else {
+            return Outcome::Alone;
+        };
+        // A group that started meanwhile may have taken our request along (it may still be
+        // running: then the queue holds nothing of ours).
         if let Ok(outcome) = answered.try_recv() {
             return outcome;
         }
@@ -112,8 +123,10 @@ impl Group {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        self.apply(queued).await;
-        drop(leader);
+        if !queued.is_empty() {
+            self.apply(queued).await;
+        }
+        drop(permit);
         // A leader whose task was aborted mid-group dropped the answers: nothing committed.
         answered.await.unwrap_or(Outcome::Alone)
     }
@@ -178,6 +191,14 @@ impl Group {
                 });
             }
         }
+        tracing::debug!(
+            consumer = name,
+            queued = requests.len(),
+            with_events = advances.len(),
+            events = events.len(),
+            limit,
+            "group page"
+        );
         if advances.is_empty() {
             return Ok(outcomes);
         }
