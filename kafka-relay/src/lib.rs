@@ -55,6 +55,11 @@ pub struct RelayConfig {
     pub partitions: i32,
     /// Replication factor of the topics the relay creates.
     pub replication: i32,
+    /// `min.insync.replicas` of the topics the relay creates (`None`: the broker's default).
+    /// With `acks=all`, a message is acknowledged only once this many replicas hold it, so a
+    /// replication factor of 3 and 2 here survive one broker lost without losing an
+    /// acknowledged event.
+    pub min_insync_replicas: Option<i32>,
     /// Whether to create missing topics (with the admin client) before the first publish.
     pub create_topics: bool,
     /// How long the producer keeps trying to deliver one message before the page fails.
@@ -62,14 +67,15 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    /// The defaults for `brokers`: prefix `orderline`, 6 partitions, replication 1, topics
-    /// created, 30 s per message.
+    /// The defaults for `brokers`: prefix `orderline`, 6 partitions, replication 1 (the
+    /// broker's `min.insync.replicas`), topics created, 30 s per message.
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
             topic_prefix: "orderline".into(),
             partitions: 6,
             replication: 1,
+            min_insync_replicas: None,
             create_topics: true,
             message_timeout: Duration::from_secs(30),
         }
@@ -220,14 +226,19 @@ impl KafkaRelay {
             .iter()
             .map(|t| self.config.topic(t))
             .collect();
+        let min_insync = self.config.min_insync_replicas.map(|n| n.to_string());
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|name| {
-                NewTopic::new(
+                let topic = NewTopic::new(
                     name,
                     self.config.partitions,
                     TopicReplication::Fixed(self.config.replication),
-                )
+                );
+                match &min_insync {
+                    Some(n) => topic.set("min.insync.replicas", n),
+                    None => topic,
+                }
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -66,8 +66,9 @@ pub struct Settings {
     /// is rejected with `payment_failed` (`ORDERLINE_AUTHORIZATION_DEADLINE_SECS`).
     pub authorization_deadline: std::time::Duration,
     /// The Kafka relay: `ORDERLINE_KAFKA_BROKERS` (unset: the relay is off), with
-    /// `ORDERLINE_KAFKA_TOPIC_PREFIX` (default `orderline`) and `ORDERLINE_KAFKA_PARTITIONS`
-    /// (default 6) for the topics it creates.
+    /// `ORDERLINE_KAFKA_TOPIC_PREFIX` (default `orderline`), and for the topics it creates
+    /// `ORDERLINE_KAFKA_PARTITIONS` (default 6), `ORDERLINE_KAFKA_REPLICATION_FACTOR` (default 1)
+    /// and `ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS` (default: the broker's).
     pub kafka: Option<kafka_relay::RelayConfig>,
     /// Where the notifications integrator sends: `ORDERLINE_NOTIFY_SMTP_HOST` (unset: to the
     /// log), `ORDERLINE_NOTIFY_SMTP_PORT` (25), `ORDERLINE_NOTIFY_FROM`,
@@ -243,6 +244,30 @@ impl Settings {
                         problem: "must be a number from 1 to 1000".into(),
                     })?;
                 }
+                if let Some(raw) = get("ORDERLINE_KAFKA_REPLICATION_FACTOR") {
+                    relay.replication = raw
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|n| (1..=32).contains(n))
+                        .ok_or_else(|| SettingsError {
+                            name: "ORDERLINE_KAFKA_REPLICATION_FACTOR",
+                            problem: "must be a number from 1 to 32".into(),
+                        })?;
+                }
+                if let Some(raw) = get("ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS") {
+                    let min = raw
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|n| (1..=relay.replication).contains(n))
+                        .ok_or_else(|| SettingsError {
+                            name: "ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS",
+                            problem: format!(
+                                "must be a number from 1 to the replication factor ({})",
+                                relay.replication
+                            ),
+                        })?;
+                    relay.min_insync_replicas = Some(min);
+                }
                 Some(relay)
             }
         };
@@ -337,6 +362,31 @@ mod tests {
         assert!(e.to_string().starts_with("ORDERLINE_JWT_SECRET"));
         let e = settings(&[("DATABASE_URL", "mysql://x")]).unwrap_err();
         assert!(e.to_string().starts_with("DATABASE_URL"));
+    }
+
+    #[test]
+    fn kafka_replication_settings_reach_the_relay_and_are_checked_together() {
+        let brokers = ("ORDERLINE_KAFKA_BROKERS", "127.0.0.1:9092");
+        let relay = settings(&[brokers]).unwrap().kafka.unwrap();
+        assert_eq!((relay.replication, relay.min_insync_replicas), (1, None));
+        let relay = settings(&[
+            brokers,
+            ("ORDERLINE_KAFKA_REPLICATION_FACTOR", "3"),
+            ("ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS", "2"),
+        ])
+        .unwrap()
+        .kafka
+        .unwrap();
+        assert_eq!((relay.replication, relay.min_insync_replicas), (3, Some(2)));
+        // More in-sync replicas than replicas would refuse every write with acks=all.
+        let e = settings(&[brokers, ("ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS", "2")]).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS"));
+        let e = settings(&[brokers, ("ORDERLINE_KAFKA_REPLICATION_FACTOR", "0")]).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("ORDERLINE_KAFKA_REPLICATION_FACTOR"));
     }
 
     #[test]

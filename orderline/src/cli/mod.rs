@@ -51,6 +51,7 @@ pub enum Cmd {
         "  ORDERLINE_LOG_PARTITIONS  partitions of every log consumer, a power of two [default: 16]\n",
         "  ORDERLINE_KAFKA_BROKERS  Kafka for the relay [default: unset, relay off]\n",
         "  ORDERLINE_KAFKA_TOPIC_PREFIX [default: orderline], ORDERLINE_KAFKA_PARTITIONS [default: 6]\n",
+        "  ORDERLINE_KAFKA_REPLICATION_FACTOR [default: 1], ORDERLINE_KAFKA_MIN_INSYNC_REPLICAS [default: the broker's]\n",
         "  ORDERLINE_NOTIFY_SMTP_HOST, ORDERLINE_NOTIFY_SMTP_PORT, ORDERLINE_NOTIFY_FROM,\n",
         "  ORDERLINE_NOTIFY_CUSTOMER_DOMAIN, ORDERLINE_NOTIFY_OPERATORS  (--only notifications)\n",
         "  RUST_LOG              log filter [default: info,sqlx=warn]; NO_COLOR turns colours off"
