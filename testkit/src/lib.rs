@@ -5,6 +5,7 @@
 //! - [`process`]: the real `orderline` binary as a child process, free ports and waits;
 //! - [`client`]: one helper per command endpoint, over any HTTP base address;
 //! - [`smtp`]: a mail server that keeps what it receives;
+//! - [`kafka`]: the Kafka broker of the test run, and clusters of a test's own to kill brokers in;
 //! - [`oracle`]: the check that every read model equals an independent fold of the log;
 //! - [`TestApp`]: all of it for one end-to-end test (a database, a server, tokens, helpers).
 //!
@@ -14,6 +15,7 @@
 mod app;
 pub mod client;
 pub mod database;
+pub mod kafka;
 pub mod oracle;
 pub mod process;
 pub mod server;

@@ -485,3 +485,76 @@ async fn the_relay_creates_its_topics_with_the_configured_partitions_and_in_sync
     .unwrap();
     assert_eq!(partitions, 3);
 }
+
+/// What happens to a partition leader of the cluster mid-run.
+#[derive(Debug, Clone, Copy)]
+enum BrokerFault {
+    /// `kill -9`, then started again on its storage.
+    Kill,
+    /// `SIGSTOP` for longer than the cluster's session timeout, then `SIGCONT`.
+    Freeze,
+}
+
+/// Orders flow while the leader of a partition of the order topic (on a three-node cluster,
+/// topics replicated three times, two in-sync replicas required) is killed or frozen and then
+/// brought back: every placement is accepted meanwhile, and afterwards Kafka holds every event
+/// of the log, once or more, keyed, in sequence order per aggregate.
+async fn orders_flow_through_a_broker_fault(fault: BrokerFault) {
+    let mut cluster = testkit::kafka::Cluster::start(3).await;
+    let app = TestApp::spawn().await;
+    let target = Target {
+        brokers: cluster.bootstrap(),
+        prefix: format!("failover-test-{}", Uuid::new_v4().simple()),
+        create_topics: true,
+    };
+    let relay = KafkaRelay::new(RelayConfig {
+        replication: 3,
+        min_insync_replicas: Some(2),
+        message_timeout: Duration::from_secs(10),
+        ..relay_config(&target)
+    })
+    .unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &runner());
+    app.register_product("A", 100, 100_000).await;
+    app.register_product("B", 250, 100_000).await;
+    relay_checkpoint_reaches_the_head(&app).await;
+    let mut leader = None;
+    for i in 0..90 {
+        // Each placement must be accepted (202), the broker's state notwithstanding.
+        app.placed_order(&format!("c{}", i % 7), &[("A", 1), ("B", 1)])
+            .await;
+        if i == 30 {
+            let node = cluster.leader(&target.topic("order"), 0).await;
+            match fault {
+                BrokerFault::Kill => cluster.kill(node),
+                BrokerFault::Freeze => cluster.freeze(node),
+            }
+            leader = Some(node);
+        }
+        if i == 60 {
+            let node = leader.expect("a node was faulted");
+            match fault {
+                BrokerFault::Kill => cluster.restart(node).await,
+                BrokerFault::Freeze => cluster.resume(node),
+            }
+        }
+        // Slower while the node is down, so that it stays down (or frozen) for about seven
+        // seconds: past the cluster's session timeout, so its partitions get new leaders.
+        let pause = if (30..60).contains(&i) { 200 } else { 50 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    app.caught_up().await;
+    relay_checkpoint_reaches_the_head(&app).await;
+    relays.shutdown().await;
+    assert_kafka_holds_the_log(&app, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_leader_killed_mid_run_loses_no_acknowledged_event() {
+    orders_flow_through_a_broker_fault(BrokerFault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_leader_frozen_mid_run_loses_no_acknowledged_event() {
+    orders_flow_through_a_broker_fault(BrokerFault::Freeze).await;
+}
