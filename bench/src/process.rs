@@ -57,22 +57,32 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The pool of a whole server (`orderline serve`'s default).
+const DEFAULT_POOL_SIZE: u32 = 16;
+
+/// The pool of a process that runs one part (`serve --only`): with up to three of them (each
+/// also opening its gateway worker's 9 and its listeners), the bench's server (16) and the
+/// bench's own connections, 16 each would pass Postgres's 100 and refuse connections.
+pub const PART_POOL_SIZE: u32 = 8;
+
 impl ServerProcess {
     /// Starts `orderline serve` (every part, default settings, the relay off) on the database at
     /// `database_url` and waits until it answers `/health/ready`.
     pub async fn start(database_url: &str) -> anyhow::Result<Self> {
-        let mut server = Self::spawn(database_url, &[]).await?;
+        let mut server = Self::spawn(database_url, &[], DEFAULT_POOL_SIZE).await?;
         server.wait_ready().await?;
         Ok(server)
     }
 
     /// Starts `orderline serve --only PART` on the database at `database_url` without waiting
     /// (a part other than `api` answers no HTTP; the caller watches the database instead).
+    /// Each part's process pools [`PART_POOL_SIZE`] connections, so that three of them, their
+    /// gateway workers and the bench's own server stay within Postgres's default 100.
     pub async fn start_part(database_url: &str, part: &str) -> anyhow::Result<Self> {
-        Self::spawn(database_url, &["--only", part]).await
+        Self::spawn(database_url, &["--only", part], PART_POOL_SIZE).await
     }
 
-    async fn spawn(database_url: &str, args: &[&str]) -> anyhow::Result<Self> {
+    async fn spawn(database_url: &str, args: &[&str], pool_size: u32) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -84,6 +94,7 @@ impl ServerProcess {
             .env("DATABASE_URL", database_url)
             .env("ORDERLINE_ADDR", format!("127.0.0.1:{port}"))
             .env("ORDERLINE_JWT_SECRET", SECRET)
+            .env("ORDERLINE_DB_POOL_SIZE", pool_size.to_string())
             .env(
                 "RUST_LOG",
                 std::env::var("ORDERLINE_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),

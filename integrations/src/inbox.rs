@@ -143,6 +143,14 @@ impl InboxConsumer {
         Ok(Self { task, stop })
     }
 
+    /// Stops at once, in the middle of whatever it does, as a crash would: a message being
+    /// handled is rolled back, an offset not yet committed stays uncommitted, and the group
+    /// gives this member's partitions to the others, which read the uncommitted messages again
+    /// (the inbox makes a repeat a no-op). For tests of takeovers.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
     /// Stops after the message in hand and waits; its offset is committed if it was handled.
     pub async fn stop(self) {
         self.stop.send_replace(true);

@@ -241,3 +241,153 @@ async fn a_notification_that_keeps_failing_is_parked_with_its_error_and_can_be_r
     assert_eq!(retry().await.unwrap(), Retried::Yes);
     assert_eq!(retry().await.unwrap(), Retried::NotParked);
 }
+
+/// The notifications handler, recording which member of the group handled each event (in the
+/// handler's transaction, so only handlings that committed count).
+struct Member {
+    name: &'static str,
+    inner: NotificationsHandler,
+}
+
+#[async_trait::async_trait]
+impl integrations::inbox::Handler for Member {
+    fn name(&self) -> &str {
+        // The inbox and the group are the notifications integrator's, shared by both members.
+        self.inner.name()
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &integrations::inbox::IncomingEvent,
+    ) -> Result<(), integrations::inbox::HandlerError> {
+        self.inner.handle(tx, event).await?;
+        sqlx::query(
+            "INSERT INTO handled_by (event_id, aggregate_id, event_type, member)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(event.id)
+        .bind(&event.aggregate_id)
+        .bind(&event.event_type)
+        .bind(self.name)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_integrators_in_one_group_share_the_partitions_and_one_killed_mid_stream_loses_nothing()
+{
+    let app = TestApp::spawn().await;
+    sqlx::raw_sql(
+        "CREATE TABLE handled_by (event_id uuid NOT NULL, aggregate_id text NOT NULL,
+                                  event_type text NOT NULL, member text NOT NULL)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.register_product("A", 500, 10_000).await;
+    let brokers = testkit::kafka::brokers();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let prefix = format!("group-test-{run}");
+    let relay = KafkaRelay::new(RelayConfig {
+        topic_prefix: prefix.clone(),
+        partitions: 4,
+        ..RelayConfig::new(&brokers)
+    })
+    .unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &RunnerConfig::default());
+    until("the relay published", async || {
+        count(
+            &app,
+            "SELECT coalesce(sum(events_applied), 0)::bigint FROM checkpoints
+              WHERE consumer = 'kafka-relay'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    let config = InboxConfig {
+        group_id: Some(format!("notifications-{run}")),
+        ..InboxConfig::new(&brokers, vec![format!("{prefix}.order")])
+    };
+    let member = |name| {
+        InboxConsumer::spawn(
+            app.pool.clone(),
+            &config,
+            Arc::new(Member {
+                name,
+                inner: NotificationsHandler,
+            }),
+        )
+        .unwrap()
+    };
+    let first = member("first");
+    let second = member("second");
+    // Orders keep coming while the group forms, so both members get partitions with work.
+    let mut orders = Vec::new();
+    for i in 0..40 {
+        orders.push(app.placed_order(&format!("c{}", i % 5), &[("A", 1)]).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every order confirmed, so that each can be shipped below.
+    app.caught_up().await;
+    until("both members handled confirmations", async || {
+        count(&app, "SELECT count(DISTINCT member) FROM handled_by").await == 2
+    })
+    .await;
+    // The first member dies mid-stream; the orders it confirmed are shipped afterwards, so
+    // their shipments land on the partitions it held.
+    first.abort();
+    for id in &orders {
+        ship(&app, id).await;
+    }
+    app.caught_up().await;
+    let expected = count(
+        &app,
+        "SELECT count(*) FROM events WHERE event_type IN ('OrderConfirmed', 'OrderShipped')",
+    )
+    .await;
+    assert_eq!(expected, 80);
+    until("every notification recorded", async || {
+        count(&app, "SELECT count(*) FROM notifications").await >= expected
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    second.stop().await;
+    relays.shutdown().await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM notifications").await,
+        expected,
+        "a notification twice, or one lost"
+    );
+    // Every event of the topic handled once (each committed handling is recorded once).
+    let order_events = count(
+        &app,
+        "SELECT count(*) FROM events WHERE aggregate_type = 'order'",
+    )
+    .await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM handled_by").await,
+        order_events,
+        "an event handled twice, or one not at all"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(DISTINCT event_id) FROM handled_by").await,
+        order_events
+    );
+    // The second member took over the first one's partitions: it handled the shipments of
+    // orders whose confirmations the first one had handled.
+    let taken_over = count(
+        &app,
+        "SELECT count(*) FROM handled_by c JOIN handled_by s USING (aggregate_id)
+          WHERE c.event_type = 'OrderConfirmed' AND c.member = 'first'
+            AND s.event_type = 'OrderShipped' AND s.member = 'second'",
+    )
+    .await;
+    assert!(
+        taken_over > 0,
+        "the first member's partitions were not taken over"
+    );
+}

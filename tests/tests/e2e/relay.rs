@@ -558,3 +558,67 @@ async fn a_partition_leader_killed_mid_run_loses_no_acknowledged_event() {
 async fn a_partition_leader_frozen_mid_run_loses_no_acknowledged_event() {
     orders_flow_through_a_broker_fault(BrokerFault::Freeze).await;
 }
+
+/// Orders and restocks of the products [`some_business`] registered.
+async fn more_orders(app: &TestApp, orders: usize) {
+    for i in 0..orders {
+        app.placed_order(&format!("c{}", i % 3), &[("A", 1), ("B", 1)])
+            .await;
+        app.restock("A", 1).await;
+    }
+}
+
+/// Whether an event of the log lies past its partition's cursor of the relay.
+async fn relay_lags(app: &TestApp) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM checkpoints c, events e WHERE c.consumer = 'kafka-relay'
+            AND e.key_hash & 15 = c.partition
+            AND (e.transaction_id, e.position) > (c.transaction_id, c.position))",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_frozen_then_stopped_and_started_again_delays_the_relay_and_loses_nothing() {
+    let mut cluster = testkit::kafka::Cluster::start(1).await;
+    let app = TestApp::spawn().await;
+    let target = Target {
+        brokers: cluster.bootstrap(),
+        prefix: format!("outage-test-{}", Uuid::new_v4().simple()),
+        create_topics: true,
+    };
+    let relay = KafkaRelay::new(RelayConfig {
+        message_timeout: Duration::from_secs(3),
+        ..relay_config(&target)
+    })
+    .unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &runner());
+    some_business(&app, 3).await;
+    relay_checkpoint_reaches_the_head(&app).await;
+
+    // Frozen (SIGSTOP): commands go on, the relay falls behind.
+    cluster.freeze(1);
+    more_orders(&app, 4).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        relay_lags(&app).await,
+        "the relay kept up with a frozen broker"
+    );
+    cluster.resume(1);
+    relay_checkpoint_reaches_the_head(&app).await;
+
+    // Stopped and started again on its storage.
+    cluster.kill(1);
+    more_orders(&app, 4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        relay_lags(&app).await,
+        "the relay kept up with a stopped broker"
+    );
+    cluster.restart(1).await;
+    relay_checkpoint_reaches_the_head(&app).await;
+    relays.shutdown().await;
+    assert_kafka_holds_the_log(&app, &target).await;
+}
