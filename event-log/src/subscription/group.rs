@@ -53,7 +53,7 @@ pub(super) enum Outcome {
 /// Group transactions of one consumer in flight at once in a process: enough that a page
 /// waiting for a lock or a commit does not hold back the others, few enough that pages queue
 /// and go together under load.
-pub(super) const IN_FLIGHT: usize = 4;
+pub(super) const IN_FLIGHT: usize = 2;
 
 struct Pending {
     request: Request,
