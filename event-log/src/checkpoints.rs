@@ -154,6 +154,20 @@ pub async fn acquire(
         .collect())
 }
 
+/// The CTE `locked`: the rows of consumer `$1` still held by the leases `$2` (partitions) and
+/// `$3` (their tokens), locked in partition order (see [`advance_many_if_at`]).
+macro_rules! locked_leases {
+    () => {
+        "WITH locked AS (
+              SELECT c.partition FROM checkpoints c
+                JOIN unnest($2::int4[], $3::int8[]) AS held(partition, token)
+                  ON held.partition = c.partition AND held.token = c.fencing_token
+               WHERE c.consumer = $1
+               ORDER BY c.partition
+                 FOR UPDATE OF c)"
+    };
+}
+
 /// Extends `leases` by `ttl` from now and answers those still held; a lease missing from the
 /// answer was taken over (its worker must stop). A lease that expired but was not taken is
 /// still the holder's: no one else applied a page. Rows are locked in partition order, so a
@@ -171,19 +185,13 @@ pub async fn renew(
         return Ok(Vec::new());
     }
     let (partitions, tokens) = columns(leases);
-    let kept: Vec<(i32, i64)> = sqlx::query_as(
-        "WITH locked AS (
-              SELECT c.partition FROM checkpoints c
-                JOIN unnest($2::int4[], $3::int8[]) AS held(partition, token)
-                  ON held.partition = c.partition AND held.token = c.fencing_token
-               WHERE c.consumer = $1
-               ORDER BY c.partition
-                 FOR UPDATE OF c)
-         UPDATE checkpoints c SET lease_until = clock_timestamp() + make_interval(secs => $4)
+    let kept: Vec<(i32, i64)> = sqlx::query_as(concat!(
+        locked_leases!(),
+        " UPDATE checkpoints c SET lease_until = clock_timestamp() + make_interval(secs => $4)
            FROM locked
           WHERE c.consumer = $1 AND c.partition = locked.partition
-      RETURNING c.partition, c.fencing_token",
-    )
+      RETURNING c.partition, c.fencing_token"
+    ))
     .bind(consumer)
     .bind(&partitions)
     .bind(&tokens)
@@ -222,18 +230,12 @@ pub async fn release(
         return Ok(());
     }
     let (partitions, tokens) = columns(leases);
-    sqlx::query(
-        "WITH locked AS (
-              SELECT c.partition FROM checkpoints c
-                JOIN unnest($2::int4[], $3::int8[]) AS held(partition, token)
-                  ON held.partition = c.partition AND held.token = c.fencing_token
-               WHERE c.consumer = $1
-               ORDER BY c.partition
-                 FOR UPDATE OF c)
-         UPDATE checkpoints c SET owner = NULL, lease_until = NULL
+    sqlx::query(concat!(
+        locked_leases!(),
+        " UPDATE checkpoints c SET owner = NULL, lease_until = NULL
            FROM locked
-          WHERE c.consumer = $1 AND c.partition = locked.partition",
-    )
+          WHERE c.consumer = $1 AND c.partition = locked.partition"
+    ))
     .bind(consumer)
     .bind(&partitions)
     .bind(&tokens)

@@ -15,7 +15,7 @@
 //!   applies it, and checks that the checkpoint did not move and that the lease's token is
 //!   still there (a worker that woke after a takeover commits nothing) as it advances the
 //!   checkpoint, all in one transaction. Workers whose pages go through hand them to the
-//!   consumer's group ([`group`]), which applies the pages of every partition waiting in one
+//!   consumer's group (`subscription/group.rs`), which applies the pages of every partition waiting in one
 //!   transaction;
 //! - on failure a worker retries with exponential back-off, narrowing to one event at a time;
 //!   an event that keeps failing parks its key (the aggregate id; [`crate::parked`]): the
@@ -79,7 +79,7 @@ pub trait Consumer: Send + Sync + 'static {
         None
     }
 
-    /// Whether pages of several of its partitions may go in one transaction (see [`group`]):
+    /// Whether pages of several of its partitions may go in one transaction (the consumer's group):
     /// yes for a consumer whose cost is per page (read, checkpoint, commit). A consumer whose
     /// pages lock shared rows (the saga, its SKUs) keeps them apart: a page of many partitions
     /// would hold more locks at once, and its pages would wait for each other.
@@ -726,14 +726,18 @@ enum Resolved {
     Reread,
 }
 
+/// Most events in one page of `consumer`: the runner's batch size, or the consumer's own
+/// maximum if smaller.
+fn page_size(consumer: &dyn Consumer, config: &RunnerConfig) -> i64 {
+    consumer
+        .max_batch()
+        .map_or(config.batch_size, |max| max.min(config.batch_size))
+        .max(1)
+}
+
 impl Worker {
     fn batch_size(&self) -> i64 {
-        self.consumer
-            .max_batch()
-            .map_or(self.config.batch_size, |max| {
-                max.min(self.config.batch_size)
-            })
-            .max(1)
+        page_size(&*self.consumer, &self.config)
     }
 
     fn stopping(&self) -> bool {

@@ -46,7 +46,7 @@ struct Node {
     starts: u32,
 }
 
-/// A cluster of KRaft nodes, each broker and controller at once, replicating every topic three
+/// A cluster of KRaft nodes (one at a time per test binary), each broker and controller at once, replicating every topic three
 /// times with `min.insync.replicas=2` by default, in a temporary folder removed (and every node
 /// killed) when dropped. Brokers are told of a dead peer within a few seconds
 /// (`broker.session.timeout.ms=3000`), so a killed leader is replaced quickly.
@@ -54,7 +54,13 @@ pub struct Cluster {
     home: PathBuf,
     root: PathBuf,
     nodes: Vec<Node>,
+    /// One cluster at a time in a test binary: each node is a JVM, and tests run in parallel.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
+
+/// Whose turn it is to run a cluster in this test binary.
+static TURN: std::sync::LazyLock<std::sync::Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(tokio::sync::Mutex::new(())));
 
 impl Cluster {
     /// Formats and starts `size` nodes and waits until every broker is in the cluster's metadata.
@@ -62,6 +68,7 @@ impl Cluster {
     /// # Panics
     /// When a node does not come up within 60 s.
     pub async fn start(size: u32) -> Self {
+        let turn = TURN.clone().lock_owned().await;
         let home = tokio::task::spawn_blocking(home).await.expect("find Kafka");
         let root = std::env::temp_dir().join(format!(
             "orderline-kafka-cluster-{}",
@@ -114,7 +121,12 @@ broker.heartbeat.interval.ms=500
                 starts: 0,
             });
         }
-        let mut cluster = Self { home, root, nodes };
+        let mut cluster = Self {
+            home,
+            root,
+            nodes,
+            _turn: turn,
+        };
         let cluster_id = cluster.tool_output(&["kafka.tools.StorageTool", "random-uuid"]);
         for node in &cluster.nodes {
             let config = node.dir.join("server.properties");

@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use tokio::sync::{oneshot, Semaphore};
 use tracing::Instrument;
 
-use super::{begin_page, Consumer, Freeze, RunnerConfig};
+use super::{begin_page, page_size, Consumer, Freeze, RunnerConfig};
 use crate::checkpoints::{self, Advance, Lease};
 use crate::{crash, reader, Cursor, LogEvent};
 
@@ -94,12 +94,7 @@ impl Group {
     /// Most events in one group's transaction: the consumer's page size, shared by the
     /// partitions in the group.
     fn budget(&self) -> i64 {
-        self.consumer
-            .max_batch()
-            .map_or(self.config.batch_size, |max| {
-                max.min(self.config.batch_size)
-            })
-            .max(1)
+        page_size(&*self.consumer, &self.config)
     }
 
     /// Applies `request`'s next page, with those of any other partitions queued meanwhile.

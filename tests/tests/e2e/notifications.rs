@@ -33,6 +33,36 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
 }
 
+/// Starts the relay publishing `app`'s log to topics `{prefix}.*` of `partitions` partitions on
+/// `brokers`, and waits for its first page. The relay creates the topics before its first page;
+/// the integrators must subscribe after (a consumer subscribed to a topic that does not exist
+/// yet sees it only at its next metadata refresh).
+async fn relay_publishing(
+    app: &TestApp,
+    brokers: &str,
+    prefix: &str,
+    partitions: i32,
+) -> Subscriptions {
+    let relay = KafkaRelay::new(RelayConfig {
+        topic_prefix: prefix.to_owned(),
+        partitions,
+        ..RelayConfig::new(brokers)
+    })
+    .unwrap();
+    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &RunnerConfig::default());
+    until("the relay published", async || {
+        count(
+            app,
+            "SELECT coalesce(sum(events_applied), 0)::bigint FROM checkpoints
+              WHERE consumer = 'kafka-relay'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    relays
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_order_outcome_and_low_stock_sends_exactly_one_message_across_restarts() {
     let app = TestApp::spawn().await;
@@ -63,32 +93,10 @@ async fn each_order_outcome_and_low_stock_sends_exactly_one_message_across_resta
     .await;
     assert!(expected >= 7, "{expected}");
 
-    let brokers = std::env::var("ORDERLINE_TEST_KAFKA_BROKERS").expect(
-        "ORDERLINE_TEST_KAFKA_BROKERS: run the tests with scripts/test, which starts Kafka",
-    );
+    let brokers = testkit::kafka::brokers();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let prefix = format!("notifications-test-{run}");
-    let relay = KafkaRelay::new(RelayConfig {
-        topic_prefix: prefix.clone(),
-        partitions: 2,
-        ..RelayConfig::new(&brokers)
-    })
-    .unwrap();
-    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &RunnerConfig::default());
-
-    // The relay creates the topics before its first page; the integrators subscribe after
-    // (a consumer subscribed to a topic that does not exist yet sees it only at its next
-    // metadata refresh).
-    until("the relay published", async || {
-        count(
-            &app,
-            "SELECT coalesce(sum(events_applied), 0)::bigint FROM checkpoints
-              WHERE consumer = 'kafka-relay'",
-        )
-        .await
-            > 0
-    })
-    .await;
+    let relays = relay_publishing(&app, &brokers, &prefix, 2).await;
     let topics = vec![format!("{prefix}.order"), format!("{prefix}.inventory")];
     let config = InboxConfig {
         group_id: Some(format!("notifications-{run}")),
@@ -291,23 +299,7 @@ async fn two_integrators_in_one_group_share_the_partitions_and_one_killed_mid_st
     let brokers = testkit::kafka::brokers();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let prefix = format!("group-test-{run}");
-    let relay = KafkaRelay::new(RelayConfig {
-        topic_prefix: prefix.clone(),
-        partitions: 4,
-        ..RelayConfig::new(&brokers)
-    })
-    .unwrap();
-    let relays = Subscriptions::spawn(&app.pool, vec![Arc::new(relay)], &RunnerConfig::default());
-    until("the relay published", async || {
-        count(
-            &app,
-            "SELECT coalesce(sum(events_applied), 0)::bigint FROM checkpoints
-              WHERE consumer = 'kafka-relay'",
-        )
-        .await
-            > 0
-    })
-    .await;
+    let relays = relay_publishing(&app, &brokers, &prefix, 4).await;
     let config = InboxConfig {
         group_id: Some(format!("notifications-{run}")),
         ..InboxConfig::new(&brokers, vec![format!("{prefix}.order")])
