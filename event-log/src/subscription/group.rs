@@ -122,7 +122,8 @@ impl Group {
             self.apply(queued).await;
         }
         drop(permit);
-        // A leader whose task was aborted mid-group dropped the answers: nothing committed.
+        // A leader whose task was aborted mid-group dropped the answers, before or after its
+        // commit: alone, the worker finds out which (its checkpoint moved, or not).
         answered.await.unwrap_or(Outcome::Alone)
     }
 
