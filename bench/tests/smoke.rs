@@ -56,7 +56,19 @@ fn every_scenario_runs_and_reports() {
         assert_eq!(report["errors"], 0, "{name}: {report}");
         assert_eq!(report["baseline"]["errors"], 0, "{name}: {report}");
         assert!(report["ok"].as_u64().unwrap() > 0, "{name}: {report}");
-        assert!(report["ratio"].as_f64().unwrap() > 0.0, "{name}: {report}");
+        // `place-order`'s throughput counts orders confirmed within the measured second; on a
+        // loaded machine they may all be confirmed after it (placed → confirmed is reported
+        // apart), so its ratio may be 0. Every other scenario's counts its answered requests.
+        let ratio = report["ratio"].as_f64().unwrap();
+        if name == "place-order" {
+            assert!(ratio >= 0.0, "{name}: {report}");
+            assert!(
+                report["accepted_per_second"].as_f64().unwrap() > 0.0,
+                "{name}: {report}"
+            );
+        } else {
+            assert!(ratio > 0.0, "{name}: {report}");
+        }
         assert!(
             report["server_rss_mib_peak"].as_f64().unwrap() > 0.0,
             "{name}: {report}"
