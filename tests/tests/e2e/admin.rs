@@ -350,18 +350,29 @@ async fn metrics_expose_each_consumers_position_and_lag_for_prometheus() {
     let app = TestApp::spawn().await;
     app.register_product("A", 1, 1).await;
     app.caught_up().await;
-    let response = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain"));
-    let text = response.text().await.unwrap();
+    // A consumer's position is its lowest partition's. The partitions without the event move
+    // past it when they next poll (within about two polling intervals: an idle partition asks
+    // the process's view of the log's head, itself up to an interval old), not at once.
+    let position = "orderline_consumer_position{consumer=\"orders\",kind=\"projection\"} 1";
+    let mut text = String::new();
+    for _ in 0..100 {
+        let response = app
+            .client
+            .get(format!("{}/metrics", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        text = response.text().await.unwrap();
+        if text.lines().any(|l| l == position) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     for line in [
         "orderline_log_head_position 1",
         "orderline_consumer_position{consumer=\"orders\",kind=\"projection\"} 1",
