@@ -140,8 +140,14 @@ fn the_large_log_scenario_measures_idle_admin_views_and_verify() {
             .iter()
             .find(|r| r["scenario"].as_str() == Some(&format!("{shape}@3000")))
             .unwrap_or_else(|| panic!("no {shape} on the large log: {reports:?}"));
-        // A one-second window may confirm nothing yet; the figure must be there.
-        assert!(on_large["vs_fresh_log"].is_number(), "{on_large}");
+        // A one-second window may confirm nothing yet: `place-order`'s comparison is then
+        // null (nothing to divide by) on a loaded machine; the others' must be there.
+        let compared = &on_large["vs_fresh_log"];
+        if shape == "place-order" {
+            assert!(compared.is_number() || compared.is_null(), "{on_large}");
+        } else {
+            assert!(compared.is_number(), "{on_large}");
+        }
         assert_eq!(on_large["errors"], 0, "{on_large}");
     }
     assert!(subject("idle")["total_cpu_percent_of_a_core"].is_number());
